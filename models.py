@@ -1,0 +1,366 @@
+"""CLIP, SimCLR and SLIP models with the exact parameter layout of the released SLIP checkpoints.
+
+The nine released architectures (``CLIP_VITS16`` ... ``SLIP_VITL16``) are module-level callables, as in the
+original code, so ``getattr(models, args.model)(ssl_mlp_dim=4096, ssl_emb_dim=256)`` builds a model whose
+``state_dict()`` loads a released checkpoint with ``strict=True`` once the DDP ``module.`` prefix is stripped.
+Every name is recorded in ``MODELS`` together with its family (clip / simclr / slip), input resolution and default
+SSL-head sizes; scripts read the family from there and never from the name.
+
+Two shortcuts skip work that cannot change the result (both switchable, both tested against the plain computation):
+  * SLIP and SimCLR run their image views through the ViT in one concatenated pass (a ViT has no batch statistics);
+    the BatchNorm SSL head still sees each view separately, as in the original.
+  * Under the causal mask nothing after the last end-of-text token of a batch can reach any text embedding, so the
+    text tower only runs over that prefix (rounded up to a multiple of 8).
+
+References:
+  SLIP: Mu et al., "SLIP: Self-supervision meets Language-Image Pre-training", arXiv 2112.12750.
+  CLIP: Radford et al., "Learning Transferable Visual Models From Natural Language Supervision", arXiv 2103.00020.
+  MoCo v3 ViT-S (12 heads): Chen et al., arXiv 2104.02057.
+"""
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional
+
+import numpy as np
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+LOGIT_SCALE_INIT = float(np.log(1 / 0.07))  # CLIP's initial temperature
+CONTEXT_LENGTH = 77
+VOCAB_SIZE = 49408
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Text tower (OpenAI CLIP layout: the parameter names match nn.MultiheadAttention's, the computation is batch-first)
+# ----------------------------------------------------------------------------------------------------------------
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 and cast back, so a half-precision model stays stable."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.float()).to(x.dtype)
+
+
+class QuickGELU(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention with nn.MultiheadAttention's parameter names (in_proj_*, out_proj).
+
+    ``fused`` selects torch's scaled_dot_product_attention; the plain softmax path is kept for benchmarks.
+    """
+
+    fused = True
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, L, D = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # [B, L, 3D]
+        q, k, v = qkv.view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x [B, H, L, D/H]
+        if self.fused:
+            x = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            mask = torch.full((L, L), float('-inf'), device=x.device).triu(1)
+            attn = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5) + mask  # [B, H, L, L]
+            x = attn.softmax(dim=-1).to(v.dtype) @ v
+        return self.out_proj(x.transpose(1, 2).reshape(B, L, D))
+
+
+class ResidualAttentionBlock(nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.attn = CausalSelfAttention(width, heads)
+        self.ln_1 = LayerNorm(width)
+        self.mlp = nn.Sequential(OrderedDict([
+            ('c_fc', nn.Linear(width, width * 4)),
+            ('gelu', QuickGELU()),
+            ('c_proj', nn.Linear(width * 4, width)),
+        ]))
+        self.ln_2 = LayerNorm(width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, width: int, layers: int, heads: int):
+        super().__init__()
+        self.width = width
+        self.layers = layers
+        self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads) for _ in range(layers)])
+        self.grad_checkpointing = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.resblocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return x
+
+
+def _build_mlp(in_dim: int, mlp_dim: int, out_dim: int) -> nn.Sequential:
+    """SimCLR projection head. Plain BatchNorm1d: main.py converts it to SyncBatchNorm in multi-GPU runs."""
+    return nn.Sequential(OrderedDict([
+        ('layer1', nn.Linear(in_dim, mlp_dim)),
+        ('bn1', nn.BatchNorm1d(mlp_dim)),
+        ('relu1', nn.ReLU(inplace=True)),
+        ('layer2', nn.Linear(mlp_dim, mlp_dim)),
+        ('bn2', nn.BatchNorm1d(mlp_dim)),
+        ('relu2', nn.ReLU(inplace=True)),
+        ('layer3', nn.Linear(mlp_dim, out_dim)),
+    ]))
+
+
+def _visual_features(visual: nn.Module, views, fuse: bool):
+    """Backbone features of several image views, in one batched pass when allowed and shapes agree."""
+    if fuse and len(views) > 1 and all(v.shape == views[0].shape for v in views):
+        return visual(torch.cat(views)).chunk(len(views))  # [V*B, C] -> V x [B, C]
+    return [visual(v) for v in views]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------------------
+class CLIP(nn.Module):
+    """Image-text contrastive model. forward(image, text) -> {'image_embed', 'text_embed', 'logit_scale'}."""
+
+    def __init__(self, embed_dim: int, vision_width: int, vision_model: nn.Module, context_length: int = CONTEXT_LENGTH,
+                 vocab_size: int = VOCAB_SIZE, transformer_width: int = 512, transformer_heads: int = 8,
+                 transformer_layers: int = 12, fuse_views: bool = True, **kwargs):
+        super().__init__()
+        # Attribute order defines the state_dict order of the released checkpoints.
+        self.context_length = context_length
+        self.vision_width = vision_width
+        self.visual = vision_model
+        self.transformer = Transformer(transformer_width, transformer_layers, transformer_heads)
+        self.vocab_size = vocab_size
+        self.token_embedding = nn.Embedding(vocab_size, transformer_width)
+        self.positional_embedding = nn.Parameter(torch.empty(context_length, transformer_width))
+        self.ln_final = LayerNorm(transformer_width)
+        self.image_projection = nn.Parameter(torch.empty(vision_width, embed_dim))
+        self.text_projection = nn.Parameter(torch.empty(transformer_width, embed_dim))
+        self.logit_scale = nn.Parameter(torch.tensor(LOGIT_SCALE_INIT))
+        self.fuse_views = fuse_views  # one backbone pass for several views (only meaningful for SLIP)
+        self.truncate_text = True  # run the text tower only up to the batch's last end-of-text token
+        self.initialize_parameters()
+
+    def initialize_parameters(self) -> None:
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        width, layers = self.transformer.width, self.transformer.layers
+        attn_std = width ** -0.5
+        proj_std = width ** -0.5 * (2 * layers) ** -0.5
+        fc_std = (2 * width) ** -0.5
+        for block in self.transformer.resblocks:
+            nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
+            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+            nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
+            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+        nn.init.normal_(self.image_projection, std=self.vision_width ** -0.5)
+        nn.init.normal_(self.text_projection, std=width ** -0.5)
+
+    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+        return self.visual(image) @ self.image_projection  # [B, C] @ [C, E] -> [B, E]
+
+    def encode_text(self, text: torch.Tensor) -> torch.Tensor:
+        eot = text.argmax(dim=-1)  # [B] end-of-text has the largest id
+        length = text.shape[1]
+        if self.truncate_text:
+            # Positions after the last EOT never reach an embedding under the causal mask. Rounding up to a multiple
+            # of 8 keeps matmul shapes friendly and bounds the number of distinct shapes torch.compile sees.
+            length = min(length, (int(eot.max()) + 8) // 8 * 8)
+        x = self.token_embedding(text[:, :length]) + self.positional_embedding[:length]  # [B, L, W]
+        x = self.ln_final(self.transformer(x))
+        return x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection  # [B, E]
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor) -> Dict[str, torch.Tensor]:
+        return {'image_embed': self.encode_image(image), 'text_embed': self.encode_text(text),
+                'logit_scale': self.logit_scale.exp()}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.transformer.grad_checkpointing = enable
+        if hasattr(self.visual, 'set_grad_checkpointing'):
+            self.visual.set_grad_checkpointing(enable)
+
+
+class SIMCLR(nn.Module):
+    """Image-only SimCLR. forward(aug1, aug2) -> {'aug1_embed', 'aug2_embed'}."""
+
+    def __init__(self, vision_width: int, vision_model: nn.Module, ssl_mlp_dim: int, ssl_emb_dim: int,
+                 fuse_views: bool = True, **kwargs):
+        super().__init__()
+        self.vision_width = vision_width
+        self.visual = vision_model
+        self.image_mlp = _build_mlp(vision_width, ssl_mlp_dim, ssl_emb_dim)
+        self.fuse_views = fuse_views
+
+    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+        return self.visual(image)
+
+    def forward(self, aug1: torch.Tensor, aug2: torch.Tensor) -> Dict[str, torch.Tensor]:
+        h1, h2 = _visual_features(self.visual, [aug1, aug2], self.fuse_views)
+        # The head runs per view: its BatchNorm statistics are per view in the original.
+        return {'aug1_embed': self.image_mlp(h1), 'aug2_embed': self.image_mlp(h2)}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.visual.set_grad_checkpointing(enable)
+
+
+class SLIP(CLIP):
+    """CLIP plus a SimCLR head on the image backbone. forward(image, text, aug1, aug2)."""
+
+    def __init__(self, ssl_mlp_dim: int, ssl_emb_dim: int, **kwargs):
+        super().__init__(**kwargs)
+        self.image_mlp = _build_mlp(self.vision_width, ssl_mlp_dim, ssl_emb_dim)
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor, aug1: torch.Tensor,
+                aug2: torch.Tensor) -> Dict[str, torch.Tensor]:
+        h1, h2, h = _visual_features(self.visual, [aug1, aug2, image], self.fuse_views)
+        return {'image_embed': h @ self.image_projection, 'text_embed': self.encode_text(text),
+                'logit_scale': self.logit_scale.exp(),
+                'aug1_embed': self.image_mlp(h1), 'aug2_embed': self.image_mlp(h2)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Registry
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelSpec:
+    """What scripts need to know about a model name without building it."""
+    name: str
+    family: str  # 'clip' | 'simclr' | 'slip'
+    image_size: int
+    builder: Callable[..., nn.Module]
+    ssl_mlp_dim: int = 4096  # default SSL head sizes (the CLI's --ssl-mlp-dim / --ssl-emb-dim when not given)
+    ssl_emb_dim: int = 256
+
+    @property
+    def has_text(self) -> bool:
+        return self.family in ('clip', 'slip')
+
+    @property
+    def has_ssl(self) -> bool:
+        return self.family in ('simclr', 'slip')
+
+
+MODELS: Dict[str, ModelSpec] = {}
+LEGACY_PREFIXES = {'CLIP_SIMCLR_': 'SLIP_'}  # pre-release name of SLIP stored in early released checkpoints
+FAMILY_CLASSES = {'clip': CLIP, 'simclr': SIMCLR, 'slip': SLIP}
+
+# Vision towers: timm model name and overrides (public create_model API), and the feature width.
+VIT_S = ('vit_small_patch16_224', dict(num_heads=12), 384)  # MoCo v3 ViT-S: 12 heads instead of timm's 6
+VIT_B = ('vit_base_patch16_224', {}, 768)
+VIT_L = ('vit_large_patch16_224', {}, 1024)
+VIT_TINY = ('vit_base_patch16_224', dict(img_size=64, patch_size=8, embed_dim=64, depth=2, num_heads=4), 64)
+TEXT_FULL = dict(embed_dim=512, transformer_width=512, transformer_heads=8, transformer_layers=12)
+TEXT_TINY = dict(embed_dim=64, transformer_width=64, transformer_heads=4, transformer_layers=2)
+
+
+def _vit(tower) -> nn.Module:
+    name, overrides, _ = tower
+    return timm.create_model(name, pretrained=False, num_classes=0, **overrides)
+
+
+def _make(family: str, tower, text: Optional[dict], ssl_mlp_dim: int, ssl_emb_dim: int, **kwargs) -> nn.Module:
+    kwargs.pop('rand_embed', None)  # passed by the original eval script; meaningless here
+    args = dict(vision_width=tower[2], vision_model=_vit(tower), ssl_mlp_dim=ssl_mlp_dim, ssl_emb_dim=ssl_emb_dim)
+    if family != 'simclr':
+        args.update(text)
+    return FAMILY_CLASSES[family](**args, **kwargs)
+
+
+def _register(name: str, family: str, tower, text: Optional[dict] = TEXT_FULL, image_size: int = 224,
+              ssl_mlp_dim: int = 4096, ssl_emb_dim: int = 256) -> Callable[..., nn.Module]:
+    def builder(ssl_mlp_dim: int = ssl_mlp_dim, ssl_emb_dim: int = ssl_emb_dim, **kwargs) -> nn.Module:
+        return _make(family, tower, text, ssl_mlp_dim, ssl_emb_dim, **kwargs)
+
+    builder.__name__ = builder.__qualname__ = name
+    builder.__doc__ = f'{family.upper()} model with a {tower[0]} {tower[1] or ""} image tower at {image_size} px.'
+    MODELS[name] = ModelSpec(name, family, image_size, builder, ssl_mlp_dim, ssl_emb_dim)
+    return builder
+
+
+CLIP_VITS16 = _register('CLIP_VITS16', 'clip', VIT_S)
+CLIP_VITB16 = _register('CLIP_VITB16', 'clip', VIT_B)
+CLIP_VITL16 = _register('CLIP_VITL16', 'clip', VIT_L)
+SIMCLR_VITS16 = _register('SIMCLR_VITS16', 'simclr', VIT_S, text=None)
+SIMCLR_VITB16 = _register('SIMCLR_VITB16', 'simclr', VIT_B, text=None)
+SIMCLR_VITL16 = _register('SIMCLR_VITL16', 'simclr', VIT_L, text=None)
+SLIP_VITS16 = _register('SLIP_VITS16', 'slip', VIT_S)
+SLIP_VITB16 = _register('SLIP_VITB16', 'slip', VIT_B)
+SLIP_VITL16 = _register('SLIP_VITL16', 'slip', VIT_L)
+# Tiny models for CPU work and tests: 64 px, patch 8, ViT width 64 / depth 2 / 4 heads, text width 64 / 2 layers,
+# embedding 64, SSL head 256 -> 64. Same tokenizer (49,408 ids) and context length 77 as the real models.
+CLIP_TINY = _register('CLIP_TINY', 'clip', VIT_TINY, TEXT_TINY, image_size=64, ssl_mlp_dim=256, ssl_emb_dim=64)
+SIMCLR_TINY = _register('SIMCLR_TINY', 'simclr', VIT_TINY, None, image_size=64, ssl_mlp_dim=256, ssl_emb_dim=64)
+SLIP_TINY = _register('SLIP_TINY', 'slip', VIT_TINY, TEXT_TINY, image_size=64, ssl_mlp_dim=256, ssl_emb_dim=64)
+
+# Legacy checkpoint names resolve to the same constructors.
+CLIP_SIMCLR_VITS16, CLIP_SIMCLR_VITB16, CLIP_SIMCLR_VITL16 = SLIP_VITS16, SLIP_VITB16, SLIP_VITL16
+
+
+def CLIP_RN50(ssl_mlp_dim: int = 4096, ssl_emb_dim: int = 256, **kwargs) -> nn.Module:
+    """The seed's improved CLIP baseline: OpenAI's modified ResNet-50 (attention pooling) as the image tower.
+
+    No weights were released for it. The tower is open_clip's ModifiedResNet with RN50's hyper-parameters
+    (layers 3-4-6-3, width 64, 32 pooling heads, 1024-d pooled output) followed by our image_projection to 512.
+    It has BatchNorm, so it never shares a batch between views.
+    """
+    from open_clip.modified_resnet import ModifiedResNet  # import here: open_clip is slow to import
+
+    kwargs.pop('rand_embed', None)
+    tower = ModifiedResNet(layers=[3, 4, 6, 3], output_dim=1024, heads=32, image_size=224, width=64)
+    return CLIP(vision_width=1024, vision_model=tower, fuse_views=False, **TEXT_FULL, **kwargs)
+
+
+MODELS['CLIP_RN50'] = ModelSpec('CLIP_RN50', 'clip', 224, CLIP_RN50)
+
+
+def resolve_name(name: str) -> str:
+    """Map a model name (including the legacy CLIP_SIMCLR_* names) to its registry name."""
+    for old, new in LEGACY_PREFIXES.items():
+        if name.startswith(old):
+            name = new + name[len(old):]
+    if name not in MODELS:
+        raise KeyError(f'unknown model {name!r}; known models: {", ".join(MODELS)}')
+    return name
+
+
+def get_spec(name: str) -> ModelSpec:
+    return MODELS[resolve_name(name)]
+
+
+def create_model(name: str, ssl_mlp_dim: Optional[int] = None, ssl_emb_dim: Optional[int] = None,
+                 **kwargs) -> nn.Module:
+    """Build a registered model; SSL head sizes default to the model's own (4096/256, tiny 256/64)."""
+    spec = get_spec(name)
+    return spec.builder(ssl_mlp_dim=ssl_mlp_dim or spec.ssl_mlp_dim, ssl_emb_dim=ssl_emb_dim or spec.ssl_emb_dim,
+                        **kwargs)
+
+
+def set_fast_paths(model: nn.Module, enabled: bool) -> None:
+    """Switch every exact shortcut on or off: shared view pass, text truncation and fused attention."""
+    for m in model.modules():
+        if isinstance(m, (CLIP, SIMCLR)):
+            has_batch_stats = any(isinstance(x, nn.modules.batchnorm._BatchNorm) for x in m.visual.modules())
+            m.fuse_views = enabled and not has_batch_stats
+        if isinstance(m, CLIP):
+            m.truncate_text = enabled
+        if isinstance(m, CausalSelfAttention):
+            m.fused = enabled
+        if hasattr(m, 'fused_attn'):  # timm attention
+            m.fused_attn = enabled
+

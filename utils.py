@@ -1,0 +1,388 @@
+"""Shared helpers: distributed setup and gathers, schedule, meters, AMP, checkpoint funnel, tokenizer, logging.
+
+Everything degrades to a single process: without a process group, rank is 0, world size 1 and the gathers return
+their input. The device is resolved once in ``init_distributed_mode`` and passed down; nothing here calls ``.cuda()``.
+
+References: MAE/DeiT ``util/misc.py`` (MetricLogger shape), SLIP ``utils.py`` (GatherLayer semantics).
+"""
+import argparse
+import datetime
+import json
+import logging
+import os
+import pathlib
+import time
+from collections import defaultdict
+from contextlib import nullcontext
+from typing import Any, Dict, Iterable, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger('slip')
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Distributed
+# ----------------------------------------------------------------------------------------------------------------
+def is_dist_avail_and_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_dist_avail_and_initialized() else 1
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_dist_avail_and_initialized() else 0
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if is_dist_avail_and_initialized():
+        dist.barrier()
+
+
+def resolve_device(name: Optional[str], local_rank: int = 0) -> torch.device:
+    """'cuda' (default when available) picks the local rank's GPU; anything else is taken as given."""
+    name = name or ('cuda' if torch.cuda.is_available() else 'cpu')
+    device = torch.device(name)
+    if device.type == 'cuda':
+        if not torch.cuda.is_available():
+            raise RuntimeError(f'--device {name} asked for, but CUDA is not available on this machine')
+        if device.index is None:
+            device = torch.device('cuda', local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    return device
+
+
+def init_distributed_mode(args: argparse.Namespace) -> torch.device:
+    """Read torchrun or Slurm variables, start the process group and return this process's device.
+
+    Sets ``args.rank``, ``args.world_size``, ``args.local_rank``, ``args.gpu``, ``args.distributed`` and
+    ``args.device``. Backend: nccl on CUDA, gloo on CPU (``--dist-backend`` is only a hint for CUDA).
+    """
+    env = os.environ
+    if 'RANK' in env and 'WORLD_SIZE' in env:  # torchrun / torch.distributed.launch
+        rank, world_size, local_rank = int(env['RANK']), int(env['WORLD_SIZE']), int(env.get('LOCAL_RANK', 0))
+    elif 'SLURM_PROCID' in env and int(env.get('SLURM_NTASKS', getattr(args, 'world_size', 1) or 1)) > 1:
+        rank = int(env['SLURM_PROCID'])
+        world_size = int(env.get('SLURM_NTASKS', args.world_size))
+        local_rank = int(env.get('SLURM_LOCALID', 0))
+    else:
+        rank, world_size, local_rank = 0, 1, 0
+    device = resolve_device(getattr(args, 'device', None), local_rank)
+    args.rank, args.world_size, args.local_rank, args.device = rank, world_size, local_rank, str(device)
+    args.gpu = device.index if device.type == 'cuda' else None
+    args.distributed = world_size > 1
+    if args.distributed and not is_dist_avail_and_initialized():
+        backend = 'nccl' if device.type == 'cuda' else 'gloo'
+        url = getattr(args, 'dist_url', 'env://')
+        dist.init_process_group(backend, init_method=url, world_size=world_size, rank=rank,
+                                timeout=datetime.timedelta(minutes=30))
+        dist.barrier()
+    setup_logging(rank)
+    logger.info('rank %d / %d on %s (distributed: %s)', rank, world_size, device, args.distributed)
+    return device
+
+
+def all_gather_batch(tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """Concatenate each tensor over ranks along dim 0, without gradient (the input itself at world size 1)."""
+    world_size = get_world_size()
+    if world_size == 1:
+        return list(tensors)
+    out = []
+    for t in tensors:
+        buf = [torch.empty_like(t) for _ in range(world_size)]
+        dist.all_gather(buf, t.detach().contiguous())
+        out.append(torch.cat(buf))
+    return out
+
+
+class GatherLayer(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient for this rank's slice.
+
+    With DDP's gradient averaging this gives each parameter exactly the gradient of the full-batch loss
+    (mean of the per-rank losses), which is what a single process with the whole batch would compute.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor):
+        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, x.contiguous())
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):
+        all_grads = torch.stack(grads)  # [W, B, ...]
+        dist.all_reduce(all_grads)
+        return all_grads[dist.get_rank()]
+
+
+def all_gather_batch_with_grad(tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    if get_world_size() == 1:
+        return list(tensors)
+    return [torch.cat(GatherLayer.apply(t)) for t in tensors]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Schedule
+# ----------------------------------------------------------------------------------------------------------------
+def cosine_scheduler(base_value: float, final_value: float, epochs: int, niter_per_ep: int, warmup_epochs: int = 0,
+                     start_warmup_value: float = 0.0) -> np.ndarray:
+    """One value per optimizer step: linear warm-up (end points included), then a half cosine to final_value."""
+    warmup_iters = warmup_epochs * niter_per_ep
+    warmup = np.linspace(start_warmup_value, base_value, warmup_iters) if warmup_iters > 0 else np.array([])
+    steps = np.arange(epochs * niter_per_ep - warmup_iters)
+    cosine = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * steps / max(len(steps), 1)))
+    schedule = np.concatenate((warmup, cosine))
+    assert len(schedule) == epochs * niter_per_ep
+    return schedule
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Meters
+# ----------------------------------------------------------------------------------------------------------------
+class AverageMeter:
+    """Weighted running average whose ``synchronize`` sums (sum, count) over ranks exactly (float64, no truncation)."""
+
+    def __init__(self):
+        self.sum, self.count, self.val = 0.0, 0.0, 0.0
+
+    def update(self, val: float, n: int = 1) -> None:
+        self.val = float(val)
+        self.sum += float(val) * n
+        self.count += n
+
+    @property
+    def avg(self) -> float:
+        return self.sum / max(self.count, 1e-12)
+
+    def synchronize(self, device: Optional[torch.device] = None) -> None:
+        if not is_dist_avail_and_initialized():
+            return
+        t = torch.tensor([self.sum, self.count], dtype=torch.float64, device=device or 'cpu')
+        dist.all_reduce(t)
+        self.sum, self.count = t.tolist()
+
+
+class MetricLogger:
+    """A dict of AverageMeters created on first use from whatever keys are logged (MAE style)."""
+
+    def __init__(self, device: Optional[torch.device] = None):
+        self.meters: Dict[str, AverageMeter] = defaultdict(AverageMeter)
+        self.device = device
+
+    def update(self, n: int = 1, **values: Any) -> None:
+        for k, v in values.items():
+            self.meters[k].update(v.item() if torch.is_tensor(v) else v, n)
+
+    def synchronize(self) -> None:
+        for name in sorted(self.meters):  # same order on every rank
+            self.meters[name].synchronize(self.device)
+
+    def averages(self) -> Dict[str, float]:
+        return {k: m.avg for k, m in self.meters.items()}
+
+    def __str__(self) -> str:
+        return '  '.join(f'{k} {m.val:.4g} ({m.avg:.4g})' for k, m in self.meters.items())
+
+
+def accuracy(output: torch.Tensor, target: torch.Tensor, topk: Iterable[int] = (1,)) -> List[float]:
+    """Top-k accuracies in percent of the batch."""
+    with torch.no_grad():
+        maxk = min(max(topk), output.shape[1])
+        pred = output.topk(maxk, dim=1).indices  # [B, k]
+        correct = pred.eq(target[:, None])
+        return [correct[:, :min(k, maxk)].any(dim=1).float().mean().item() * 100 for k in topk]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Mixed precision
+# ----------------------------------------------------------------------------------------------------------------
+PRECISIONS = ('amp', 'amp_bf16', 'fp32')
+
+
+def default_precision(device: torch.device) -> str:
+    """bf16 autocast where the device runs it natively (CPUs and Ampere+ GPUs), fp16 AMP on older GPUs."""
+    if device.type == 'cuda' and not torch.cuda.is_bf16_supported():
+        return 'amp'
+    return 'amp_bf16'
+
+
+def autocast(precision: str, device: torch.device):
+    """Context manager for the forward pass: fp16 (amp), bf16 (amp_bf16) or nothing (fp32)."""
+    if precision == 'fp32':
+        return nullcontext()
+    dtype = torch.float16 if precision == 'amp' else torch.bfloat16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:
+    """A loss scaler that is active only for fp16 (bf16 and fp32 need none); always has a state_dict."""
+    return torch.amp.GradScaler(device.type, enabled=precision == 'amp')
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints: one funnel for every script
+# ----------------------------------------------------------------------------------------------------------------
+class CheckpointError(RuntimeError):
+    pass
+
+
+# Objects that released SLIP checkpoints pickle besides tensors: the argparse Namespace of the run and, for runs
+# launched by submitit, pathlib paths inside it. Nothing else is ever unpickled.
+SAFE_GLOBALS = [argparse.Namespace, pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath,
+                pathlib.PureWindowsPath, np.dtype, np.core.multiarray.scalar, type(np.dtype(np.float64))]
+
+
+def _plain(value: Any) -> Any:
+    """Arguments as JSON-like primitives, so new checkpoints load with weights_only=True."""
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, np.generic):
+        return value.item()
+    return str(value)
+
+
+def args_to_dict(args: Any) -> Dict[str, Any]:
+    if args is None:
+        return {}
+    return _plain(dict(vars(args)) if isinstance(args, argparse.Namespace) else dict(args))
+
+
+def save_checkpoint(state: Dict[str, Any], is_best: bool, output_dir: str, filename: str = 'checkpoint.pt',
+                    best_filename: str = 'checkpoint_best.pt') -> None:
+    """Write ``output_dir/filename`` atomically (temporary file, fsync, rename) on rank 0 only.
+
+    A kill at any moment leaves either the previous complete file or the new complete file, never a partial one.
+    """
+    if not is_main_process():
+        return
+    state = dict(state)
+    if 'args' in state:
+        state['args'] = args_to_dict(state['args'])
+    os.makedirs(output_dir, exist_ok=True)
+    targets = [filename] + ([best_filename] if is_best else [])
+    for name in targets:
+        path = os.path.join(output_dir, name)
+        tmp = f'{path}.tmp.{os.getpid()}'
+        with open(tmp, 'wb') as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+
+def strip_prefix(state_dict: Dict[str, torch.Tensor], prefix: str = 'module.') -> Dict[str, torch.Tensor]:
+    return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state_dict.items()}
+
+
+def load_checkpoint(path: str, map_location: Any = 'cpu') -> Dict[str, Any]:
+    """Load a checkpoint of ours or a released SLIP one, safely, as a plain dict.
+
+    Under ``torch.load(weights_only=True)`` with an allow-list (Namespace, pathlib paths): no arbitrary object is
+    ever unpickled. The result has ``state_dict`` without the DDP ``module.`` prefix, ``args`` as a dict and the
+    legacy model name ``CLIP_SIMCLR_*`` mapped to ``SLIP_*``.
+
+    Raises:
+        CheckpointError: naming the file when it is missing, truncated, not a checkpoint or holds unsafe objects.
+    """
+    if not os.path.isfile(path):
+        raise CheckpointError(f'checkpoint {path!r} does not exist')
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises several types for truncated / foreign / unsafe files
+        raise CheckpointError(f'cannot load checkpoint {path!r}: it is truncated, not a PyTorch checkpoint, or '
+                              f'holds objects outside the allow-list ({type(e).__name__}: {str(e)[:300]})') from e
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f'checkpoint {path!r} holds a {type(ckpt).__name__}, expected a dict')
+    ckpt = dict(ckpt)
+    if 'state_dict' not in ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
+        ckpt = {'state_dict': ckpt}  # a bare state_dict
+    if 'state_dict' not in ckpt:
+        raise CheckpointError(f'checkpoint {path!r} has no "state_dict" (keys: {sorted(ckpt)[:10]})')
+    ckpt['state_dict'] = strip_prefix(ckpt['state_dict'])
+    ckpt['args'] = args_to_dict(ckpt.get('args'))
+    if isinstance(ckpt['args'].get('model'), str):
+        from models import LEGACY_PREFIXES
+        for old, new in LEGACY_PREFIXES.items():
+            if ckpt['args']['model'].startswith(old):
+                ckpt['args']['model'] = new + ckpt['args']['model'][len(old):]
+    return ckpt
+
+
+def load_state_dict_checked(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], path: str = '',
+                            strict: bool = True):
+    """load_state_dict with an error that names the file and the first mismatching keys."""
+    own = model.state_dict()
+    bad_shapes = [f'{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}'
+                  for k, v in state_dict.items() if k in own and own[k].shape != v.shape]
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    if bad_shapes or (strict and (missing or unexpected)):
+        raise CheckpointError(f'checkpoint {path!r} does not fit {type(model).__name__}: '
+                              f'{len(missing)} missing (first: {missing[:5]}), {len(unexpected)} unexpected '
+                              f'(first: {unexpected[:5]}), shape mismatches: {bad_shapes[:5]}')
+    return model.load_state_dict(state_dict, strict=strict)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenizer, logging, misc
+# ----------------------------------------------------------------------------------------------------------------
+class Tokenizer:
+    """OpenAI CLIP's BPE tokenizer from open_clip_torch (which ships the vocabulary).
+
+    ``tokenizer(str)`` -> LongTensor [77]; ``tokenizer(list)`` -> [N, 77]. Ids: start 49406, end 49407, pad 0.
+    Over-long captions are cut so that the end-of-text token stays at the last position.
+    """
+
+    def __init__(self, context_length: int = 77):
+        from open_clip.tokenizer import SimpleTokenizer  # imported lazily: open_clip is slow to import
+        self.context_length = context_length
+        self._tok = SimpleTokenizer(context_length=context_length)
+
+    def __call__(self, texts):
+        single = isinstance(texts, str)
+        ids = self._tok([texts] if single else list(texts), context_length=self.context_length)
+        return ids[0] if single else ids
+
+
+def setup_logging(rank: int = 0) -> None:
+    """INFO on rank 0 and WARNING elsewhere, to stdout, configured once per process."""
+    level = logging.INFO if rank == 0 else logging.WARNING
+    logger.setLevel(level)
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter('%(asctime)s %(message)s', '%H:%M:%S'))
+        logger.addHandler(handler)
+        logger.propagate = False
+
+
+def append_json_line(path: str, record: Dict[str, Any]) -> None:
+    with open(path, 'a') as f:
+        f.write(json.dumps(record) + '\n')
+
+
+def format_seconds(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=int(max(seconds, 0))))
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == 'cuda':
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    try:
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux reports KiB
+    except ImportError:
+        return float('nan')
+
