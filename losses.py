@@ -21,6 +21,11 @@ import models
 import utils
 
 
+def _full(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision embeddings are upcast: the loss is cheap and gathers behave the same on every backend."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def _local_labels(n: int, device: torch.device) -> torch.Tensor:
     """Indices of this rank's samples inside the batch gathered over all ranks."""
     return torch.arange(n, device=device) + n * utils.get_rank()
@@ -32,10 +37,9 @@ class CLIPLoss(nn.Module):
         self.gather_with_grad = gather_with_grad
 
     def forward(self, outputs: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        # Work in float32: the loss is cheap and the gathers then behave the same on every backend.
-        image = F.normalize(outputs['image_embed'].float(), dim=-1)  # [n, E]
-        text = F.normalize(outputs['text_embed'].float(), dim=-1)  # [n, E]
-        scale = outputs['logit_scale'].float()
+        image = F.normalize(_full(outputs['image_embed']), dim=-1)  # [n, E]
+        text = F.normalize(_full(outputs['text_embed']), dim=-1)  # [n, E]
+        scale = _full(outputs['logit_scale'])
         labels = _local_labels(image.shape[0], image.device)
         gather = utils.all_gather_batch_with_grad if self.gather_with_grad else utils.all_gather_batch
         image_all, text_all = gather([image, text])  # [N, E] each
@@ -55,8 +59,8 @@ class SIMCLRLoss(nn.Module):
         self.tau = temperature
 
     def forward(self, outputs: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        q_a = F.normalize(outputs['aug1_embed'].float(), dim=-1)  # [n, D]
-        q_b = F.normalize(outputs['aug2_embed'].float(), dim=-1)  # [n, D]
+        q_a = F.normalize(_full(outputs['aug1_embed']), dim=-1)  # [n, D]
+        q_b = F.normalize(_full(outputs['aug2_embed']), dim=-1)  # [n, D]
         k_a, k_b = utils.all_gather_batch_with_grad([q_a, q_b])  # [N, D] each
         labels = _local_labels(q_a.shape[0], q_a.device)
         self_mask = F.one_hot(labels, k_a.shape[0]).bool()  # [n, N]: the sample itself in the same view

@@ -37,10 +37,13 @@ VOCAB_SIZE = 49408
 # Text tower (OpenAI CLIP layout: the parameter names match nn.MultiheadAttention's, the computation is batch-first)
 # ----------------------------------------------------------------------------------------------------------------
 class LayerNorm(nn.LayerNorm):
-    """LayerNorm computed in float32 and cast back, so a half-precision model stays stable."""
+    """LayerNorm computed in float32 for half-precision inputs and cast back, so an fp16 model stays stable."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).to(x.dtype)
+        if x.dtype in (torch.float16, torch.bfloat16):
+            return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(),
+                                self.eps).to(x.dtype)
+        return super().forward(x)
 
 
 class QuickGELU(nn.Module):

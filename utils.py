@@ -237,7 +237,7 @@ class CheckpointError(RuntimeError):
 # Objects that released SLIP checkpoints pickle besides tensors: the argparse Namespace of the run and, for runs
 # launched by submitit, pathlib paths inside it. Nothing else is ever unpickled.
 SAFE_GLOBALS = [argparse.Namespace, pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath,
-                pathlib.PureWindowsPath, np.dtype, np.core.multiarray.scalar, type(np.dtype(np.float64))]
+                pathlib.PureWindowsPath, np.dtype, np._core.multiarray.scalar, type(np.dtype(np.float64))]
 
 
 def _plain(value: Any) -> Any:

@@ -1,0 +1,107 @@
+"""Two real gloo processes: per-rank losses with DDP-averaged gradients equal the single-process full batch."""
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+
+import losses
+import utils
+
+pytestmark = pytest.mark.dist
+N, D_IN, D = 8, 6, 4  # global batch, input width, embedding width
+
+
+class ToyHeads(nn.Module):
+    """Linear maps standing in for the towers, so the full-batch gradient is exactly defined (no BatchNorm)."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.img = nn.Parameter(torch.randn(D_IN, D, generator=g, dtype=torch.float64))
+        self.txt = nn.Parameter(torch.randn(D_IN, D, generator=g, dtype=torch.float64))
+        self.aug = nn.Parameter(torch.randn(D_IN, D, generator=g, dtype=torch.float64))
+        self.logit_scale = nn.Parameter(torch.tensor(2.0, dtype=torch.float64))
+
+    def forward(self, x):  # x: [n, 4, D_IN] -> the model output dict
+        return {'image_embed': x[:, 0] @ self.img, 'text_embed': x[:, 1] @ self.txt,
+                'aug1_embed': x[:, 2] @ self.aug, 'aug2_embed': x[:, 3] @ self.aug,
+                'logit_scale': self.logit_scale.exp()}
+
+
+def _data():
+    return torch.randn(N, 4, D_IN, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+
+def _make_loss(kind, legacy=False):
+    return {'clip': lambda: losses.CLIPLoss(gather_with_grad=not legacy),
+            'simclr': lambda: losses.SIMCLRLoss(0.1),
+            'slip': lambda: losses.SLIPLoss(losses.SIMCLRLoss(0.1), 0.7, gather_with_grad=not legacy)}[kind]()
+
+
+def _worker(rank, world_size, init_file, result_dir):
+    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world_size)
+    try:
+        x = _data().chunk(world_size)[rank]
+        results = {}
+        for kind, legacy in [('clip', False), ('simclr', False), ('slip', False), ('clip', True), ('slip', True)]:
+            model = nn.parallel.DistributedDataParallel(ToyHeads(), find_unused_parameters=True)
+            out = _make_loss(kind, legacy)(model(x))
+            out['loss'].backward()
+            loss = out['loss'].detach().clone()
+            dist.all_reduce(loss)
+            results[(kind, legacy)] = (loss / world_size, {n: p.grad.clone() for n, p in model.module.named_parameters()
+                                                     if p.grad is not None})
+        # meters: a weighted average over ranks with different counts
+        meter = utils.AverageMeter()
+        meter.update(1.0 + rank, n=1 + 2 * rank)
+        meter.synchronize()
+        results['meter'] = meter.avg
+        gathered = utils.all_gather_batch([torch.full((2,), float(rank))])[0]
+        results['gather'] = gathered
+        if rank == 0:
+            torch.save(results, os.path.join(result_dir, 'dist.pt'))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope='module')
+def dist_results(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp('dist')
+    mp.spawn(_worker, args=(2, str(tmp / 'init'), str(tmp)), nprocs=2, join=True)
+    return torch.load(tmp / 'dist.pt', weights_only=False)
+
+
+def _single(kind):
+    model = ToyHeads()
+    out = _make_loss(kind)(model(_data()))
+    out['loss'].backward()
+    return out['loss'].detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize('kind', ['clip', 'simclr', 'slip'])
+def test_two_ranks_equal_full_batch(dist_results, kind):
+    loss, grads = dist_results[(kind, False)]
+    ref_loss, ref_grads = _single(kind)
+    torch.testing.assert_close(loss, ref_loss)
+    assert set(grads) == set(ref_grads)
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(grads[name], g, msg=name)
+
+
+@pytest.mark.parametrize('kind', ['clip', 'slip'])
+def test_legacy_gather_keeps_loss_but_drops_gradient(dist_results, kind):
+    """The original's no-grad gather (SLIP issue #31): same loss value, different (incomplete) gradient."""
+    loss, grads = dist_results[(kind, True)]
+    ref_loss, ref_grads = _single(kind)
+    torch.testing.assert_close(loss, ref_loss)
+    assert not torch.allclose(grads['img'], ref_grads['img'])
+    assert not torch.allclose(grads['txt'], ref_grads['txt'])
+
+
+def test_meter_and_gather_across_ranks(dist_results):
+    # rank 0: value 1 weight 1; rank 1: value 2 weight 3 -> (1 + 6) / 4
+    assert dist_results['meter'] == pytest.approx(7 / 4)
+    assert dist_results['gather'].tolist() == [0.0, 0.0, 1.0, 1.0]

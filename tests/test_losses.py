@@ -1,0 +1,101 @@
+"""Losses against naive per-sample reference formulas written here, values and gradients (single process)."""
+import math
+
+import pytest
+import torch
+
+import losses
+
+
+def _embeds(n=6, d=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    names = ['image_embed', 'text_embed', 'aug1_embed', 'aug2_embed']
+    out = {k: torch.randn(n, d, generator=g, dtype=torch.float64).requires_grad_() for k in names}
+    out['logit_scale'] = torch.tensor(1 / 0.07, dtype=torch.float64, requires_grad=True)
+    return out
+
+
+def naive_clip(out):
+    """Mean over samples of the two InfoNCE terms, written out with Python loops."""
+    img = [v / v.norm() for v in out['image_embed']]
+    txt = [v / v.norm() for v in out['text_embed']]
+    s, n, total = out['logit_scale'], len(img), 0.0
+    for i in range(n):
+        li = torch.stack([s * (img[i] @ txt[j]) for j in range(n)])
+        lt = torch.stack([s * (txt[i] @ img[j]) for j in range(n)])
+        total = total + (torch.logsumexp(li, 0) - li[i]) + (torch.logsumexp(lt, 0) - lt[i])
+    return total / (2 * n)
+
+
+def naive_simclr(out, tau):
+    """NT-Xent: for view a of sample i the positive is view b of i; negatives are every other embedding."""
+    a = [v / v.norm() for v in out['aug1_embed']]
+    b = [v / v.norm() for v in out['aug2_embed']]
+    n, total = len(a), 0.0
+    for q_list, k_same, k_other in ((a, a, b), (b, b, a)):
+        for i in range(n):
+            pos = q_list[i] @ k_other[i] / tau
+            others = [q_list[i] @ k_other[j] / tau for j in range(n)] + \
+                     [q_list[i] @ k_same[j] / tau for j in range(n) if j != i]
+            total = total + torch.logsumexp(torch.stack(others), 0) - pos
+    return total / (2 * n)
+
+
+def _grads(loss, out):
+    return torch.autograd.grad(loss, [out[k] for k in sorted(out)], allow_unused=True)
+
+
+def test_clip_loss_matches_naive():
+    out = _embeds()
+    result = losses.CLIPLoss()(out)
+    assert set(result) == {'loss', 'clip_loss', 'clip_acc'}
+    assert not result['clip_loss'].requires_grad and not result['clip_acc'].requires_grad
+    ref = naive_clip(out)
+    torch.testing.assert_close(result['loss'].double(), ref, rtol=1e-5, atol=1e-6)
+    _check_grads_close(result['loss'], ref, out)
+
+
+def _check_grads_close(value, reference, out):
+    for g1, g2 in zip(_grads(value, out), _grads(reference, out)):
+        if g2 is None or g1 is None:
+            continue
+        torch.testing.assert_close(g1.double(), g2, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize('tau', [0.1, 0.5])
+def test_simclr_loss_matches_naive(tau):
+    out = _embeds(seed=1)
+    result = losses.SIMCLRLoss(temperature=tau)(out)
+    assert set(result) == {'loss', 'ssl_loss', 'ssl_acc'}
+    ref = naive_simclr(out, tau)
+    torch.testing.assert_close(result['loss'].double(), ref, rtol=1e-5, atol=1e-6)
+    _check_grads_close(result['loss'], ref, out)
+
+
+def test_slip_loss_combines_with_scale():
+    out = _embeds(seed=2)
+    result = losses.SLIPLoss(losses.SIMCLRLoss(0.1), ssl_scale=0.5)(out)
+    assert set(result) == {'loss', 'clip_loss', 'clip_acc', 'ssl_loss', 'ssl_acc'}
+    ref = naive_clip(out) + 0.5 * naive_simclr(out, 0.1)
+    torch.testing.assert_close(result['loss'].double(), ref, rtol=1e-5, atol=1e-6)
+    _check_grads_close(result['loss'], ref, out)
+    torch.testing.assert_close(result['loss'], result['clip_loss'] + 0.5 * result['ssl_loss'])
+
+
+def test_accuracy_metrics_count_matches():
+    n = 4
+    eye = torch.eye(n, 8)
+    out = {'image_embed': eye.clone(), 'text_embed': eye.clone(), 'logit_scale': torch.tensor(10.0),
+           'aug1_embed': eye.clone(), 'aug2_embed': eye.clone()}
+    assert losses.CLIPLoss()(out)['clip_acc'].item() == 100.0
+    out['text_embed'] = eye.roll(1, dims=0)  # every caption belongs to the next image
+    assert losses.CLIPLoss()(out)['clip_acc'].item() == 0.0
+    assert losses.SIMCLRLoss()(out)['ssl_acc'].item() == 100.0
+
+
+def test_get_loss_reads_family_from_registry():
+    assert isinstance(losses.get_loss('CLIP_VITB16'), losses.CLIPLoss)
+    assert isinstance(losses.get_loss('SIMCLR_TINY', ssl_temp=0.2), losses.SIMCLRLoss)
+    slip = losses.get_loss('CLIP_SIMCLR_VITB16', ssl_temp=0.2, ssl_scale=2.0)  # legacy name of SLIP
+    assert isinstance(slip, losses.SLIPLoss) and slip.ssl_scale == 2.0 and slip.ssl_loss.tau == 0.2
+    assert losses.get_loss('CLIP_TINY', legacy_clip_gather=True).gather_with_grad is False
