@@ -1,17 +1,38 @@
 """Datasets: pre-training image-text data (SLIP formats, WebDataset, demo) and the downstream evaluation sets.
 
+Pre-training (``get_train_dataset``): ``yfcc15m`` (pickle of (photo_id, title, description); images in zip archives),
+``coco`` (captions json), ``cc3m`` / ``cc12m`` (npy of dicts), ``redcaps`` (json list from
+redcaps/combine_captions.py), ``wds`` (img2dataset tar shards, read with webdataset) and ``demo`` (coloured shapes
+drawn in code). A sample is ``(image, text)`` for CLIP, ``(aug1, aug2)`` for SimCLR, ``(image, text, aug1, aug2)``
+for SLIP, always followed by ``n_bad``: a 0-dim int64 count of the bad images skipped to produce it. Every random
+choice of sample i in epoch e comes from (seed, e, i), so a resumed run sees bitwise-identical data.
+
 Downstream datasets are described by ``dataset_catalog.json`` entries ``{"path", "type", "train", "test"}`` with type
 ``imagefolder``, ``filelist`` (``<split>_images.npy`` / ``<split>_labels.npy``), ``special`` (torchvision's
 CIFAR-10/100, STL-10 and MNIST, read from local files only) or ``demo`` (the generated demo set).
+
+References: SLIP ``datasets.py`` (formats, §3 of docs/SLIP_REFERENCE.md), SimCLR / MoCo v3 augmentations.
 """
+import io
+import json
+import math
 import os
-from typing import Any, Callable, Dict, Optional
+import pickle
+import random
+import zipfile
+from contextlib import contextmanager
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile
+from PIL import Image, ImageDraw, ImageFile, ImageFilter
+
+import utils
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated image is a bad sample: skipped and counted, never half-read
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+PRETRAIN_DATASETS = ('yfcc15m', 'cc3m', 'cc12m', 'coco', 'redcaps', 'wds', 'demo')
+MAX_BAD_RETRIES = 50  # consecutive bad replacements before a sample gives up (the data is then mostly missing)
 
 
 def pil_loader(path: str) -> Image.Image:
@@ -70,8 +91,8 @@ def get_downstream_dataset(catalog: Dict[str, Any], name: str, is_train: bool, t
     entry = catalog[name]
     root, kind = entry.get('path', ''), entry.get('type')
     if kind == 'demo':
-        from datasets import DemoZeroShotDataset  # defined with the demo pre-training data below
-        return DemoZeroShotDataset('train' if is_train else 'test', transform=transform)
+        size = int(entry.get('size', 1024))  # a catalog may ask for a smaller demo set (tests do)
+        return DemoZeroShotDataset('train' if is_train else 'test', transform=transform, size=size)
     if kind == 'imagefolder':
         import torchvision
         folder = os.path.join(root, entry['train'] if is_train else entry['test'])
@@ -95,3 +116,448 @@ def get_downstream_dataset(catalog: Dict[str, Any], name: str, is_train: bool, t
         except RuntimeError as e:  # torchvision: "Dataset not found or corrupted"
             raise DatasetMissing(f'{name}: no local copy under {root!r} ({e})') from e
     raise ValueError(f'dataset {name!r} has unknown type {kind!r} in the catalog')
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Image reading: bad images become BadImage (skipped and counted by the datasets)
+# ----------------------------------------------------------------------------------------------------------------
+class BadImage(Exception):
+    """An image that is missing, truncated or undecodable; the message names the file."""
+
+
+IMAGE_ERRORS = (OSError, ValueError, KeyError, EOFError, SyntaxError, zipfile.BadZipFile, Image.DecompressionBombError)
+_bad_seen = [0]  # per process (each DataLoader worker has its own copy)
+
+
+def load_image(source: Any, name: str) -> Image.Image:
+    """Decode a path, file object or a zero-argument callable returning one, to RGB; errors become BadImage."""
+    try:
+        with Image.open(source() if callable(source) else source) as img:
+            return img.convert('RGB')
+    except IMAGE_ERRORS as e:
+        raise BadImage(f'{name}: {type(e).__name__}: {e}') from e
+
+
+def warn_bad(message: str) -> None:
+    """Log a skipped image: the first ten of a process, then only at powers of two (a broken mount is loud enough)."""
+    _bad_seen[0] += 1
+    n = _bad_seen[0]
+    if n <= 10 or n & (n - 1) == 0:
+        utils.logger.warning('skipped bad image #%d of process %d: %s', n, os.getpid(), message)
+
+
+ZIP_KEEP_OPEN = True  # False reopens the archive for every sample (the original's behaviour; a benchmark baseline)
+ZIP_CACHE_SIZE = 64
+_zip_caches: Dict[int, Dict[str, zipfile.ZipFile]] = {}  # pid -> archive path -> open ZipFile, oldest first
+
+
+def _zip_read(archive: str, member: str) -> bytes:
+    if not ZIP_KEEP_OPEN:
+        with zipfile.ZipFile(archive) as zf:
+            return zf.read(member)
+    pid = os.getpid()
+    if pid not in _zip_caches:
+        # A forked worker must not reuse its parent's handles: they share one file offset with the parent.
+        _zip_caches.clear()
+        _zip_caches[pid] = {}
+    cache = _zip_caches[pid]
+    zf = cache.pop(archive, None) or zipfile.ZipFile(archive)  # reading the central directory once per archive
+    cache[archive] = zf  # re-inserted as the most recently used
+    if len(cache) > ZIP_CACHE_SIZE:
+        cache.pop(next(iter(cache))).close()
+    return zf.read(member)
+
+
+def yfcc_loader(root: str, photo_id: int) -> Image.Image:
+    """YFCC image 12345678 is member ``678.jpg`` of ``<root>/images/12/345.zip``."""
+    s = f'{int(photo_id):08d}'
+    archive, member = os.path.join(root, 'images', s[:2], s[2:5] + '.zip'), s[5:] + '.jpg'
+    return load_image(lambda: io.BytesIO(_zip_read(archive, member)), f'{archive}:{member}')
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Transforms (SLIP_REFERENCE §3.2)
+# ----------------------------------------------------------------------------------------------------------------
+class GaussianBlur:
+    """PIL Gaussian blur with sigma drawn uniformly from ``sigma`` (SimCLR); draws from Python's ``random``."""
+
+    def __init__(self, sigma: Sequence[float] = (0.1, 2.0)):
+        self.sigma = sigma
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(*self.sigma)))
+
+
+def build_transforms(image_size: int) -> Tuple[Callable, Callable, Callable]:
+    """Returns (clip_transform, ssl_augment, val_transform) at ``image_size`` px, ImageNet-normalised tensors."""
+    import torchvision.transforms as T
+
+    norm = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    clip = T.Compose([T.RandomResizedCrop(image_size, scale=(0.5, 1.0)), T.ToTensor(), norm])
+    ssl = T.Compose([
+        T.RandomResizedCrop(image_size, scale=(0.08, 1.0)),  # crop first: the colour ops then touch few pixels
+        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+        T.RandomGrayscale(p=0.2),
+        T.RandomApply([GaussianBlur((0.1, 2.0))], p=0.5),
+        T.RandomHorizontalFlip(),
+        T.ToTensor(), norm])
+    val = T.Compose([T.Resize(image_size), T.CenterCrop(image_size), T.ToTensor(), norm])
+    return clip, ssl, val
+
+
+@contextmanager
+def seeded_rngs(seed: int):
+    """Seed torch's CPU generator and ``random`` (what torchvision's transforms draw from), restoring them after.
+
+    Restoring keeps a ``num_workers=0`` loader from disturbing the training process's own random streams.
+    """
+    torch_state, py_state = torch.get_rng_state(), random.getstate()
+    torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed would also reseed every GPU
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(torch_state)
+        random.setstate(py_state)
+
+
+def pick_caption(captions: Sequence[str], rng: np.random.Generator) -> str:
+    """Uniform choice among the captions that are not blank (among all of them if every one is blank)."""
+    usable = [c for c in captions if c.strip()] or list(captions)
+    return usable[int(rng.integers(len(usable)))] if usable else ''
+
+
+class PairMaker:
+    """Turns one decoded image and its caption into the family's views, from one seed (decode once, view many)."""
+
+    def __init__(self, family: str, transforms: Sequence[Callable], tokenizer: Optional[Callable], seed: int):
+        if family not in ('clip', 'simclr', 'slip'):
+            raise ValueError(f'unknown model family {family!r}; expected clip, simclr or slip')
+        if family != 'simclr' and tokenizer is None:
+            raise ValueError(f'a {family} dataset needs a tokenizer')
+        self.family, self.tokenizer, self.seed = family, tokenizer, int(seed) % 2 ** 64
+        self.clip_transform, self.ssl_augment = transforms[0], transforms[1]
+        # Process-local: a DataLoader worker sees set_epoch calls made before it started (or made inside it, as
+        # main.py's EpochIndexed does by passing the epoch with each index), not later calls in the main process.
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def rng(self, *key: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.epoch, *key])
+
+    def make(self, image: Image.Image, captions: Sequence[str], rng: np.random.Generator, n_bad: int) -> tuple:
+        caption = pick_caption(captions, rng) if self.family != 'simclr' else ''
+        with seeded_rngs(int(rng.integers(2 ** 63))):
+            views: List[torch.Tensor] = []
+            if self.family != 'simclr':
+                views += [self.clip_transform(image), self.tokenizer(caption)]  # [3, H, W], [77]
+            if self.family != 'clip':
+                views += [self.ssl_augment(image), self.ssl_augment(image)]
+        return (*views, torch.tensor(n_bad, dtype=torch.int64))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pre-training metadata (SLIP_REFERENCE §3.1, §10): parse and validate at construction, fail naming the file
+# ----------------------------------------------------------------------------------------------------------------
+def _check(records: Any, path: str, expected: str, ok: Callable[[Any], bool]) -> None:
+    if not isinstance(records, (list, tuple, np.ndarray)) or len(records) == 0:
+        raise ValueError(f'{path}: expected {expected}; got {type(records).__name__} of length '
+                         f'{len(records) if hasattr(records, "__len__") else "?"}')
+    bad = next((k for k, r in enumerate(records) if not ok(r)), None)
+    if bad is not None:
+        raise ValueError(f'{path}: record {bad} is {str(records[bad])[:200]!r}; expected {expected}')
+
+
+def _read(path: str, what: str, kind: str) -> Any:
+    """Load a 'pickle', 'json' or 'npy' metadata file; any failure names the file and what it should hold."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'metadata file {path!r} not found (expected {what})')
+    try:
+        if kind == 'npy':
+            return np.load(path, allow_pickle=True)
+        with open(path, 'rb') as f:  # the yfcc format is a pickle: only load metadata files you made or trust
+            return pickle.load(f) if kind == 'pickle' else json.load(f)
+    except Exception as e:  # unpickling / json / npy errors of any kind: the file is not what it should be
+        raise ValueError(f'{path}: cannot read it as {what}: {type(e).__name__}: {e}') from e
+
+
+def _str_list(x: Any) -> bool:
+    return isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(c, str) for c in x)
+
+
+def parse_metadata(dataset: str, path: str) -> list:
+    """Read and validate ``path`` as ``dataset``'s metadata; returns one record per image."""
+    if dataset == 'yfcc15m':
+        exp = 'a non-empty list of (photo_id: int, title: str, description: str) tuples (make_dataset.py output)'
+        recs = _read(path, exp, 'pickle')
+        _check(recs, path, exp, lambda r: isinstance(r, (tuple, list)) and len(r) == 3 and isinstance(
+            r[0], (int, np.integer)) and isinstance(r[1], str) and isinstance(r[2], str))
+        return recs
+    if dataset in ('cc3m', 'cc12m'):
+        key = 'image_id' if dataset == 'cc3m' else 'image_name'
+        exp = f"a non-empty npy array of dicts with '{key}' and 'captions' (a non-empty list of str)"
+        recs = _read(path, exp, 'npy')
+        _check(recs, path, exp, lambda r: isinstance(r, dict) and key in r and _str_list(r.get('captions')))
+        return [(str(r[key]), list(r['captions'])) for r in recs]
+    if dataset == 'coco':
+        exp = "a COCO captions json: {'annotations': [{'image_id': int, 'caption': str}, ...]}"
+        data = _read(path, exp, 'json')
+        anns = data.get('annotations') if isinstance(data, dict) else None
+        _check(anns, path, exp, lambda a: isinstance(a, dict) and isinstance(a.get('image_id'), int)
+               and isinstance(a.get('caption'), str))
+        grouped: Dict[int, List[str]] = {}
+        for a in anns:
+            grouped.setdefault(a['image_id'], []).append(a['caption'])
+        return list(grouped.items())
+    if dataset == 'redcaps':
+        exp = "a json list of {'image_id': str, 'subreddit': str, 'caption': str} (redcaps/combine_captions.py)"
+        anns = _read(path, exp, 'json')
+        _check(anns, path, exp, lambda a: isinstance(a, dict) and all(
+            isinstance(a.get(k), str) for k in ('image_id', 'subreddit', 'caption')))
+        return [(a['subreddit'], a['image_id'], a['caption']) for a in anns]
+    raise ValueError(f'unknown pre-training dataset {dataset!r}; expected one of {", ".join(PRETRAIN_DATASETS)}')
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Map-style pre-training dataset (metadata formats and demo)
+# ----------------------------------------------------------------------------------------------------------------
+class ImageCaptionDataset(torch.utils.data.Dataset):
+    """Image-caption pairs read through ``source(index) -> (PIL image, captions)``; bad images are replaced.
+
+    Args:
+        source: callable raising BadImage for a bad image; ``len(source)`` samples.
+        family: 'clip', 'simclr' or 'slip' (decides the views).
+        transforms: (clip_transform, ssl_augment) from build_transforms.
+        tokenizer: str -> LongTensor[77] (unused for simclr).
+        seed: the run's seed; with the epoch and index it fixes every random choice of a sample.
+    """
+
+    def __init__(self, source: Callable, family: str, transforms: Sequence[Callable],
+                 tokenizer: Optional[Callable] = None, seed: int = 0, name: str = ''):
+        self.source, self.name = source, name
+        self.maker = PairMaker(family, transforms, tokenizer, seed)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.maker.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> tuple:
+        rng = self.maker.rng(index)
+        n_bad, i = 0, index
+        while True:
+            try:
+                image, captions = self.source(i)
+                break
+            except BadImage as e:
+                n_bad += 1
+                warn_bad(f'{self.name} sample {i}: {e}')
+                if n_bad > MAX_BAD_RETRIES:
+                    raise RuntimeError(f'{self.name}: {n_bad} bad images in a row while building sample {index}; '
+                                       f'is the image root right? last: {e}') from e
+                i = int(rng.integers(len(self)))  # the replacement, too, is fixed by (seed, epoch, index)
+        return self.maker.make(image, captions, rng, n_bad)
+
+
+class MetadataSource:
+    """The images and captions of one SLIP metadata file (yfcc15m, cc3m, cc12m, coco, redcaps)."""
+
+    def __init__(self, dataset: str, root: str, metadata: str):
+        self.dataset, self.root = dataset, root
+        self.records = parse_metadata(dataset, metadata)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __call__(self, index: int) -> Tuple[Image.Image, Sequence[str]]:
+        """(image, candidate captions) of record ``index``; raises BadImage."""
+        r, root = self.records[index], self.root
+        if self.dataset == 'yfcc15m':
+            return yfcc_loader(root, r[0]), (r[1], r[2])
+        if self.dataset == 'redcaps':
+            path = os.path.join(root, r[0], f'{r[1]}.jpg')
+            return load_image(path, path), (r[2],)
+        if self.dataset == 'coco':
+            path = os.path.join(root, 'train2017', f'{r[0]:012d}.jpg')
+        else:  # cc3m / cc12m: a path relative to root
+            path = os.path.join(root, r[0])
+        return load_image(path, path), r[1]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# WebDataset shards (img2dataset layout: <key>.jpg|png|webp, <key>.txt, <key>.json)
+# ----------------------------------------------------------------------------------------------------------------
+IMAGE_EXTS = ('jpg', 'jpeg', 'png', 'webp')
+
+
+class WebDatasetPairs(torch.utils.data.IterableDataset):
+    """Tar shards split over ranks x DataLoader workers so that every sample of an epoch is produced exactly once.
+
+    The shard order is shuffled per epoch from (seed, epoch); global worker g of G takes shards g, g + G, ...
+    Rank and world size are read at construction (build it after utils.init_distributed_mode). ``num_samples``
+    (--train-num-samples) is the epoch size used for the schedule; the shards themselves decide when an epoch ends,
+    and ranks may end up with unequal numbers of samples when the shards differ in size.
+    """
+
+    def __init__(self, urls: str, num_samples: Optional[int], family: str, transforms: Sequence[Callable],
+                 tokenizer: Optional[Callable] = None, seed: int = 0):
+        from webdataset.shardlists import expand_urls
+
+        if not num_samples or int(num_samples) <= 0:
+            raise ValueError('--dataset wds needs --train-num-samples (the number of samples in the shards) '
+                             f'to size the schedule; got {num_samples!r}')
+        self.shards = expand_urls(urls) if urls else []
+        if not self.shards:
+            raise ValueError(f'--root {urls!r}: expected tar shards as a brace pattern, e.g. s/{{00000..00331}}.tar')
+        missing = [s for s in self.shards if ':' not in s and not os.path.isfile(s)]
+        if missing:
+            raise FileNotFoundError(f'{len(missing)} of {len(self.shards)} shards of {urls!r} not found: {missing[:3]}')
+        self.num_samples = int(num_samples)
+        self.rank, self.world_size = utils.get_rank(), utils.get_world_size()
+        self.maker = PairMaker(family, transforms, tokenizer, seed)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.maker.set_epoch(epoch)
+
+    def shards_for_worker(self) -> List[int]:
+        """Indices (into ``self.shards``) this rank and DataLoader worker reads in the current epoch."""
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        order = np.random.default_rng([self.maker.seed, self.maker.epoch]).permutation(len(self.shards))
+        return [int(s) for s in order[self.rank * workers + worker::self.world_size * workers]]
+
+    def __iter__(self):
+        from webdataset import tarfile_samples
+
+        errors = [0]
+
+        def on_error(exn: Exception) -> bool:  # a broken tar member or shard: count it and read on
+            errors[0] += 1
+            warn_bad(f'webdataset: {type(exn).__name__}: {exn}')
+            return True
+
+        for s in self.shards_for_worker():
+            for pos, sample in enumerate(tarfile_samples([{'url': self.shards[s]}], handler=on_error)):
+                name = f'{self.shards[s]}:{sample.get("__key__")}'
+                data = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
+                try:
+                    if data is None:
+                        raise BadImage(f'{name}: no image member ({"/".join(IMAGE_EXTS)})')
+                    image = load_image(io.BytesIO(data), name)
+                except BadImage as e:
+                    errors[0] += 1
+                    warn_bad(str(e))
+                    continue
+                caption = sample.get('txt', b'').decode('utf-8', errors='replace')
+                n_bad, errors[0] = errors[0], 0  # the skipped ones are reported with the next good sample
+                yield self.maker.make(image, [caption], self.maker.rng(s, pos), n_bad)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Demo data: a coloured shape on a muted background, drawn from its index (nothing downloaded or stored)
+# ----------------------------------------------------------------------------------------------------------------
+DEMO_COLORS = ['red', 'green', 'blue', 'yellow', 'purple', 'orange', 'white', 'black']
+DEMO_SHAPES = ['circle', 'square', 'triangle', 'cross']
+DEMO_CLASSNAMES = [f'{c} {s}' for c in DEMO_COLORS for s in DEMO_SHAPES]
+DEMO_TEMPLATES = ['a photo of a {}.', 'a drawing of a {}.', 'a {}.']
+DEMO_RGB = [(220, 40, 40), (40, 170, 60), (40, 80, 220), (235, 215, 40), (140, 50, 180), (245, 140, 30),
+            (250, 250, 250), (15, 15, 15)]
+DEMO_BACKGROUNDS = {'grey': (128, 128, 128), 'light grey': (185, 185, 185), 'dark grey': (70, 70, 70),
+                    'beige': (196, 186, 160), 'slate': (96, 106, 122), 'olive': (118, 116, 84),
+                    'dusty pink': (176, 140, 140), 'sage': (140, 160, 140)}
+DEMO_PLACES = ['in the top left', 'at the top', 'in the top right', 'on the left', 'in the centre', 'on the right',
+               'in the bottom left', 'at the bottom', 'in the bottom right']
+DEMO_SPLITS = {'pretrain': 0, 'test': 1, 'train': 2}  # seed streams: the zero-shot sets never share an image seed
+DEMO_SIZE = 64
+
+
+def _shape_points(shape: str, cx: float, cy: float, r: float, angle: float) -> List[Tuple[float, float]]:
+    if shape == 'square':
+        local = [(math.cos(a), math.sin(a)) for a in (0.25 * math.pi, 0.75 * math.pi, 1.25 * math.pi, 1.75 * math.pi)]
+    elif shape == 'triangle':
+        angles = [-0.5 * math.pi + k * 2 * math.pi / 3 for k in range(3)]
+        local = [(1.15 * math.cos(a), 1.15 * math.sin(a)) for a in angles]
+    else:  # cross: two bars of half-width w
+        w = 0.35
+        local = [(w, 1), (w, w), (1, w), (1, -w), (w, -w), (w, -1), (-w, -1), (-w, -w), (-1, -w), (-1, w), (-w, w),
+                 (-w, 1)]
+    c, s = math.cos(angle), math.sin(angle)
+    return [(cx + r * (x * c - y * s), cy + r * (x * s + y * c)) for x, y in local]
+
+
+def demo_sample(index: int, split: str = 'pretrain') -> Tuple[Image.Image, int, List[str]]:
+    """Draw demo image ``index`` of ``split``: (64x64 RGB image, class index, captions that name colour and shape)."""
+    rng = np.random.default_rng([DEMO_SPLITS[split], index])
+    label = index % len(DEMO_CLASSNAMES)  # balanced classes
+    color, shape = DEMO_COLORS[label // len(DEMO_SHAPES)], DEMO_SHAPES[label % len(DEMO_SHAPES)]
+    rgb = DEMO_RGB[DEMO_COLORS.index(color)]
+    # a background clearly unlike the shape's colour, so the colour is always visible
+    bgs = [b for b, v in DEMO_BACKGROUNDS.items() if math.dist(v, rgb) > 100]
+    bg = bgs[int(rng.integers(len(bgs)))]
+    r = float(rng.uniform(9, 20))
+    cx, cy = rng.uniform(r + 2, DEMO_SIZE - r - 2, size=2)
+    shade = tuple(int(np.clip(v + d, 0, 255)) for v, d in zip(rgb, rng.integers(-15, 16, size=3)))
+    img = Image.new('RGB', (DEMO_SIZE, DEMO_SIZE), DEMO_BACKGROUNDS[bg])
+    draw = ImageDraw.Draw(img)
+    if shape == 'circle':
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=shade)
+    else:
+        draw.polygon(_shape_points(shape, cx, cy, r, float(rng.uniform(0, 2 * math.pi))), fill=shade)
+    size = 'small ' if r < 13 else 'large ' if r > 16 else ''
+    place = DEMO_PLACES[3 * min(int(cy * 3 / DEMO_SIZE), 2) + min(int(cx * 3 / DEMO_SIZE), 2)]
+    captions = [f'a {color} {shape}', f'a {size}{color} {shape} on a {bg} background', f'{color} {shape} {place}',
+                f'a photo of a {size}{color} {shape}.', f'a drawing of a {color} {shape} {place}.']
+    return img, label, captions
+
+
+class DemoSource:
+    """``n`` demo pre-training pairs (source for ImageCaptionDataset)."""
+
+    def __init__(self, n: int):
+        if int(n) <= 0:
+            raise ValueError(f'--demo-samples must be positive, got {n}')
+        self.n = int(n)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __call__(self, index: int) -> Tuple[Image.Image, List[str]]:
+        img, _, captions = demo_sample(index, 'pretrain')
+        return img, captions
+
+
+class DemoZeroShotDataset(torch.utils.data.Dataset):
+    """Held-out demo images with their class index (DEMO_CLASSNAMES order), every class equally often."""
+
+    def __init__(self, split: str = 'test', transform: Optional[Callable] = None, size: int = 1024):
+        if split not in ('test', 'train'):
+            raise ValueError(f"demo zero-shot split must be 'test' or 'train', got {split!r}")
+        self.split, self.transform, self.size = split, transform, int(size)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> Tuple[Any, int]:
+        img, label, _ = demo_sample(index, self.split)
+        return (self.transform(img) if self.transform is not None else img), label
+
+
+def get_train_dataset(args: Any, tokenizer: Optional[Callable]) -> torch.utils.data.Dataset:
+    """The pre-training dataset named by ``args.dataset`` with the views of ``args.model``'s family.
+
+    Reads args.dataset, root, metadata, model, seed, demo_samples (demo) and train_num_samples (wds).
+    Map-style datasets and the wds IterableDataset both have ``set_epoch``; the wds one has ``num_samples``.
+    """
+    import models
+
+    spec = models.get_spec(args.model)
+    clip_t, ssl_t, _ = build_transforms(spec.image_size)
+    common = dict(family=spec.family, transforms=(clip_t, ssl_t), tokenizer=tokenizer, seed=getattr(args, 'seed', 0))
+    if args.dataset == 'wds':
+        return WebDatasetPairs(args.root, getattr(args, 'train_num_samples', None), **common)
+    if args.dataset == 'demo':
+        return ImageCaptionDataset(DemoSource(getattr(args, 'demo_samples', 20000)), name='demo', **common)
+    return ImageCaptionDataset(MetadataSource(args.dataset, args.root, args.metadata), name=args.dataset, **common)

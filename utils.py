@@ -90,6 +90,13 @@ def init_distributed_mode(args: argparse.Namespace) -> torch.device:
     return device
 
 
+def cleanup_distributed() -> None:
+    """Wait for every rank, then tear the process group down (a clean exit under torchrun)."""
+    if is_dist_avail_and_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def all_gather_batch(tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
     """Concatenate each tensor over ranks along dim 0, without gradient (the input itself at world size 1)."""
     world_size = get_world_size()
