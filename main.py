@@ -1,0 +1,432 @@
+"""SLIP / CLIP / SimCLR pre-training.
+
+One GPU node (8 GPUs), the SLIP ViT-B/16 recipe on YFCC15M (global batch 8 x 64 = 512; the paper used 4096):
+    torchrun --nproc_per_node=8 main.py --root /path/to/yfcc100m --metadata yfcc15m.pkl --model SLIP_VITB16 \
+        --lr 3e-3 --wd 0.1 --output-dir output/slip_vitb16
+CLIP: --model CLIP_VITB16 --lr 5e-4 --wd 0.5; SimCLR: --model SIMCLR_VITB16 --lr 3.2e-3 --wd 0.1.
+Slurm: python run_with_submitit.py <the same flags> --nodes 8 --ngpus 8.
+The demo, on a laptop CPU in minutes, on data generated in code:
+    python main.py --dataset demo --model SLIP_TINY --output-dir output/demo (see README for the full command)
+
+A killed run restarted with the same command continues from <output-dir>/checkpoint.pt at the exact next step.
+"""
+import argparse
+import math
+import os
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+import datasets
+import losses
+import models
+import utils
+from utils import logger
+
+LOGIT_SCALE_MAX = math.log(100)  # CLIP's clamp of the learned temperature
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser('SLIP pre-training', add_help=False)
+    a = p.add_argument
+    # data
+    a('--dataset', default='yfcc15m', choices=['yfcc15m', 'cc3m', 'cc12m', 'coco', 'redcaps', 'wds', 'demo'])
+    a('--root', default='', help='dataset root; for wds the shard pattern, e.g. "shards/{00000..00331}.tar"')
+    a('--metadata', default='yfcc15m.pkl', help='metadata file (pickle, npy or json, see README)')
+    a('--train-num-samples', type=int, default=None, help='wds only: samples per epoch over all shards')
+    a('--demo-samples', type=int, default=20000, help='demo only: generated image-caption pairs per epoch')
+    a('--max-bad-fraction', type=float, default=0.01,
+      help='stop when more than this fraction of an epoch\'s images are missing or undecodable (they are skipped)')
+    a('--output-dir', default='./', type=str)
+    # model and loss
+    a('--model', default='SLIP_VITB16', type=str, help=f'one of {", ".join(models.MODELS)}')
+    a('--ssl-mlp-dim', default=None, type=int, help='SimCLR head hidden width (default 4096; 256 for *_TINY)')
+    a('--ssl-emb-dim', default=None, type=int, help='SimCLR head output width (default 256; 64 for *_TINY)')
+    a('--ssl-scale', default=1.0, type=float, help='weight of the SimCLR loss in SLIP: clip_loss + scale * ssl_loss')
+    a('--ssl-temp', default=0.1, type=float, help='softmax temperature of the SimCLR loss')
+    a('--legacy-clip-gather', action='store_true',
+      help='gather CLIP features without gradient as the original did (incomplete multi-GPU gradient; only for '
+           'exact reproduction of the released runs)')
+    # optimisation
+    a('--resume', default='', type=str, help='checkpoint to resume from (default: <output-dir>/checkpoint.pt)')
+    a('--epochs', default=25, type=int)
+    a('--warmup-epochs', default=1, type=int)
+    a('--start-epoch', default=0, type=int)
+    a('--batch-size', default=64, type=int, help='per process')
+    a('--lr', default=3e-3, type=float, help='peak learning rate')
+    a('--lr-start', default=1e-6, type=float, help='learning rate at the start of warm-up')
+    a('--lr-end', default=1e-5, type=float, help='floor of the cosine schedule')
+    a('--update-freq', default=1, type=int,
+      help='gradient accumulation steps; note that BatchNorm in the SimCLR head then sees smaller batches')
+    a('--wd', default=0.1, type=float)
+    a('--betas', default=(0.9, 0.98), nargs=2, type=float)
+    a('--eps', default=1e-8, type=float)
+    a('--max-nonfinite', default=5, type=int, help='stop after this many consecutive steps with a non-finite loss')
+    # evaluation, checkpoints, logging
+    a('--eval-freq', default=1, type=int, help='epochs between zero-shot checks (a checkpoint is saved every epoch)')
+    a('--eval-dataset', default=None,
+      help='catalog dataset for the zero-shot check (default imagenet; demo for --dataset demo; none disables)')
+    a('--catalog', default=None, help='dataset_catalog.json (default: beside this script)')
+    a('--labels', default=None, help='labels.json (default: beside this script)')
+    a('--templates', default=None, help='templates.json (default: beside this script)')
+    a('--save-every-steps', default=0, type=int, help='also checkpoint every N optimizer steps within an epoch')
+    a('--print-freq', default=10, type=int, help='optimizer steps between progress lines')
+    a('--evaluate', action='store_true', help='zero-shot evaluation only')
+    a('--wandb', action='store_true', help='log to Weights & Biases (imported only then)')
+    # system
+    a('--device', default=None, help='cuda (default when available) or cpu')
+    a('--precision', default=None, choices=utils.PRECISIONS,
+      help='amp (fp16 + loss scaling), amp_bf16 (default where supported) or fp32')
+    a('--disable-amp', action='store_true', help='same as --precision fp32')
+    a('--compile', action='store_true', help='torch.compile the model')
+    a('--grad-checkpointing', action='store_true', help='recompute activations in backward to save memory')
+    a('-j', '--workers', default=10, type=int, help='data loader workers per process')
+    a('--world-size', default=1, type=int, help='number of processes (set by the launchers)')
+    a('--rank', default=0, type=int)
+    a('--local_rank', '--local-rank', default=0, type=int, dest='local_rank')
+    a('--dist-url', default='env://', type=str)
+    a('--dist-backend', default='nccl', type=str, help='nccl on CUDA; CPU runs always use gloo')
+    a('--seed', default=0, type=int)
+    a('--gpu', default=None, type=int)
+    return p
+
+
+def resolve_args(args, device):
+    """Fill the defaults that depend on the model, the device or the dataset."""
+    spec = models.get_spec(args.model)
+    args.model = spec.name
+    args.ssl_mlp_dim = args.ssl_mlp_dim or spec.ssl_mlp_dim
+    args.ssl_emb_dim = args.ssl_emb_dim or spec.ssl_emb_dim
+    args.precision = 'fp32' if args.disable_amp else (args.precision or utils.default_precision(device))
+    if args.eval_dataset is None:
+        args.eval_dataset = 'demo' if args.dataset == 'demo' else 'imagenet'
+    if not spec.has_text:
+        args.eval_dataset = 'none'  # SimCLR has no text tower: no zero-shot check
+    return spec
+
+
+def build_model(args, device):
+    model = models.create_model(args.model, args.ssl_mlp_dim, args.ssl_emb_dim).to(device)
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    model_without_ddp = model
+    if args.distributed:
+        if device.type == 'cuda':  # SyncBatchNorm needs CUDA; on CPU each rank keeps its own BN statistics
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            model_without_ddp = model
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == 'cuda' else None,
+                                                    bucket_cap_mb=200)
+    if args.compile:
+        model = torch.compile(model)
+    return model, model_without_ddp
+
+
+def build_optimizer(model, args, device):
+    """AdamW; no weight decay for biases, norms, 1-d parameters and logit_scale (the original's rule)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim < 2 or 'bias' in name or 'ln' in name or 'bn' in name
+        (no_decay if skip else decay).append(p)
+    groups = [{'params': decay, 'weight_decay': args.wd}, {'params': no_decay, 'weight_decay': 0.0}]
+    impl = {'fused': True} if device.type == 'cuda' else {'foreach': True}
+    return torch.optim.AdamW(groups, lr=args.lr, betas=tuple(args.betas), eps=args.eps, **impl)
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Deterministic per-epoch shuffle, split over ranks, yielding (epoch, index) pairs from a given offset.
+
+    The order depends only on (seed, epoch), so a resumed run skips exactly the batches it already trained on.
+    Passing the epoch with each index lets persistent workers apply the right augmentations.
+    """
+
+    def __init__(self, size: int, batch_size: int, rank: int, world_size: int, seed: int):
+        self.size, self.rank, self.world_size, self.seed = size, rank, world_size, seed
+        self.per_rank = size // world_size // batch_size * batch_size  # whole batches only (drop_last)
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0, batch_size: int = 1) -> None:
+        self.epoch, self.start = epoch, start_batch * batch_size
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        order = torch.randperm(self.size, generator=g)[self.rank::self.world_size][:self.per_rank]
+        return iter([(self.epoch, i) for i in order[self.start:].tolist()])
+
+    def __len__(self) -> int:
+        return self.per_rank - self.start
+
+
+class EpochIndexed(torch.utils.data.Dataset):
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        self.dataset.set_epoch(epoch)
+        return self.dataset[index]
+
+
+def build_train_loader(args, tokenizer, device):
+    dataset = datasets.get_train_dataset(args, tokenizer)
+    common = dict(batch_size=args.batch_size, num_workers=args.workers, pin_memory=device.type == 'cuda',
+                  drop_last=True, persistent_workers=args.workers > 0, prefetch_factor=4 if args.workers else None)
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        common['persistent_workers'] = False  # the epoch must reach the workers through set_epoch
+        per_rank = dataset.num_samples // args.world_size // args.batch_size
+        return torch.utils.data.DataLoader(dataset, **common), dataset, per_rank
+    sampler = EpochSampler(len(dataset), args.batch_size, args.rank, args.world_size, args.seed)
+    loader = torch.utils.data.DataLoader(EpochIndexed(dataset), sampler=sampler, **common)
+    return loader, sampler, sampler.per_rank // args.batch_size
+
+
+def zeroshot_setup(args, spec):
+    """Load the zero-shot assets and check the eval dataset exists now, not after the first epoch."""
+    if args.eval_dataset in (None, '', 'none'):
+        return None
+    import eval_zeroshot
+    assets = eval_zeroshot.load_assets(args.catalog, args.labels, args.templates)
+    try:
+        datasets.get_downstream_dataset(assets[0], args.eval_dataset, False, None)
+    except (datasets.DatasetMissing, KeyError) as e:
+        logger.warning('zero-shot check disabled: %s. Training continues without it.', e)
+        return None
+    return assets
+
+
+def run_zeroshot(model, args, assets, tokenizer, device):
+    import eval_zeroshot
+    stats = eval_zeroshot.zeroshot_dataset(model, args.eval_dataset, assets, tokenizer, device,
+                                           batch_size=args.batch_size, workers=min(args.workers, 4))
+    logger.info('0-shot %s: acc1 %.2f acc5 %.2f', args.eval_dataset, stats['acc1'], stats['acc5'])
+    return stats
+
+
+def resume(args, model, optimizer, scaler):
+    """Returns (start_epoch, start_step, best_acc1) from --resume or <output-dir>/checkpoint.pt."""
+    path = args.resume or os.path.join(args.output_dir, 'checkpoint.pt')
+    if not os.path.isfile(path):
+        if args.resume:
+            raise FileNotFoundError(f'--resume {args.resume!r}: no such checkpoint')
+        return args.start_epoch, 0, 0.0
+    ckpt = utils.load_checkpoint(path)
+    utils.load_state_dict_checked(model, ckpt['state_dict'], path)
+    if 'optimizer' in ckpt and ckpt['optimizer']:
+        optimizer.load_state_dict(ckpt['optimizer'])
+    if 'scaler' in ckpt and ckpt['scaler']:
+        scaler.load_state_dict(ckpt['scaler'])
+    logger.info('=> resumed from %s (epoch %d, step %d)', path, ckpt.get('epoch', 0), ckpt.get('step', 0))
+    return ckpt.get('epoch', 0), ckpt.get('step', 0), float(ckpt.get('best_acc1', 0.0))
+
+
+def save(args, model, optimizer, scaler, epoch, step, best_acc1, is_best=False):
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise RuntimeError(f'refusing to save a checkpoint: parameter {name} holds non-finite values')
+    state = {'epoch': epoch, 'step': step, 'best_acc1': best_acc1, 'args': args,
+             # 'module.' keys, as the original's DDP checkpoints: its tools and BEiT's --model_prefix expect them
+             'state_dict': {'module.' + k: v for k, v in model.state_dict().items()},
+             'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict()}
+    utils.save_checkpoint(state, is_best, args.output_dir)
+
+
+def main(args):
+    device = utils.init_distributed_mode(args)
+    spec = resolve_args(args, device)
+    torch.manual_seed(args.seed + args.rank)
+    np.random.seed(args.seed + args.rank)
+    model, model_without_ddp = build_model(args, device)
+    criterion = losses.get_loss(args.model, args.ssl_temp, args.ssl_scale, args.legacy_clip_gather)
+    optimizer = build_optimizer(model_without_ddp, args, device)
+    scaler = utils.grad_scaler(args.precision, device)
+    tokenizer = utils.Tokenizer() if spec.has_text else None
+    zs_assets = zeroshot_setup(args, spec)
+    start_epoch, start_step, best_acc1 = resume(args, model_without_ddp, optimizer, scaler)
+    if args.evaluate:
+        if zs_assets is None:
+            raise SystemExit(f'nothing to evaluate: no zero-shot dataset for {args.model} ({args.eval_dataset})')
+        stats = run_zeroshot(model_without_ddp, args, zs_assets, tokenizer, device)
+        if utils.is_main_process():
+            utils.append_json_line(os.path.join(args.output_dir, 'eval_log.txt'), stats)
+        return stats
+    loader, sampler, iters_per_epoch = build_train_loader(args, tokenizer, device)
+    iters_per_epoch //= args.update_freq  # trailing micro-batches that cannot fill an optimizer step are dropped
+    if iters_per_epoch == 0:
+        raise ValueError('the dataset is smaller than one optimizer step of batch-size x update-freq x processes')
+    schedule = utils.cosine_scheduler(args.lr, args.lr_end, args.epochs, iters_per_epoch, args.warmup_epochs,
+                                      args.lr_start)
+    writer = Writers(args)
+    logger.info('%s: %d processes x batch %d x update-freq %d = global batch %d; %d steps/epoch; precision %s; '
+                'peak lr %g', args.model, args.world_size, args.batch_size, args.update_freq,
+                args.world_size * args.batch_size * args.update_freq, iters_per_epoch, args.precision, args.lr)
+    stats = {}
+    for epoch in range(start_epoch, args.epochs):
+        first = start_step if epoch == start_epoch else 0
+        sampler.set_epoch(epoch, first * args.update_freq, args.batch_size) if isinstance(
+            sampler, EpochSampler) else sampler.set_epoch(epoch)
+        train_stats = train_one_epoch(loader, model, criterion, optimizer, scaler, schedule, epoch, first,
+                                      iters_per_epoch, args, device, writer, model_without_ddp, best_acc1)
+        val_stats = {}
+        if zs_assets is not None and (epoch + 1) % args.eval_freq == 0:
+            val_stats = run_zeroshot(model_without_ddp, args, zs_assets, tokenizer, device)
+        acc1 = val_stats.get('acc1', -1.0)
+        is_best = acc1 > best_acc1
+        best_acc1 = max(acc1, best_acc1)
+        save(args, model_without_ddp, optimizer, scaler, epoch + 1, 0, best_acc1, is_best)
+        stats = {**{f'train_{k}': v for k, v in train_stats.items()},
+                 **{f'test_{k}': v for k, v in val_stats.items()}, 'epoch': epoch}
+        if utils.is_main_process():
+            utils.append_json_line(os.path.join(args.output_dir, 'log.txt'), stats)
+            for k, v in stats.items():
+                writer.scalar(f'epoch/{k}', v, epoch)
+    writer.close()
+    utils.cleanup_distributed()
+    return stats
+
+
+class Writers:
+    """TensorBoard (always, rank 0) and W&B (only with --wandb) behind one small interface."""
+
+    def __init__(self, args):
+        self.tb = self.wandb = None
+        if not utils.is_main_process():
+            return
+        from torch.utils.tensorboard import SummaryWriter
+        self.tb = SummaryWriter(os.path.join(args.output_dir, 'tensorboard'))
+        if args.wandb:
+            import wandb
+            self.wandb = wandb
+            wandb.init(project='slip', id=os.path.basename(os.path.normpath(args.output_dir)),
+                       config=utils.args_to_dict(args), resume='allow')
+
+    def scalar(self, name, value, step):
+        if self.tb is not None and isinstance(value, (int, float)):
+            self.tb.add_scalar(name, value, step)
+            if self.wandb is not None:
+                self.wandb.log({name: value}, step=step)
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+
+
+def train_one_epoch(loader, model, criterion, optimizer, scaler, schedule, epoch, first_step, iters_per_epoch,
+                    args, device, writer, model_without_ddp, best_acc1):
+    model.train()
+    meters = utils.MetricLogger(device if device.type == 'cuda' else None)
+    counts = torch.zeros(3, dtype=torch.float64)  # bad samples, samples seen, non-finite steps
+    step_ok, streak, wait, t_step, t_epoch = True, 0, 0.0, time.perf_counter(), time.perf_counter()
+    step = first_step
+    batches = _until_any_rank_ends(loader, device) if utils.get_world_size() > 1 else loader
+    for micro, batch in enumerate(batches):
+        step = first_step + micro // args.update_freq
+        if step >= iters_per_epoch:
+            break
+        wait += time.perf_counter() - t_step
+        for group in optimizer.param_groups:
+            group['lr'] = float(schedule[iters_per_epoch * epoch + step])
+        *inputs, n_bad = batch
+        counts[:2] += torch.tensor([float(n_bad.sum()), len(n_bad)], dtype=torch.float64)
+        inputs = [t.to(device, non_blocking=True) for t in inputs]
+        last_micro = (micro + 1) % args.update_freq == 0
+        sync = model.no_sync() if args.distributed and not last_micro and hasattr(model, 'no_sync') else nullcontext()
+        with sync:
+            with utils.autocast(args.precision, device):
+                loss_dict = criterion(model(*inputs))
+            finite = _all_ranks_true(torch.isfinite(loss_dict['loss']).all(), device)
+            if finite and step_ok:
+                scaler.scale(loss_dict['loss'] / args.update_freq).backward()
+            step_ok = step_ok and finite
+        if not last_micro:
+            continue
+        if step_ok:
+            scaler.step(optimizer)
+            scaler.update()
+            streak = 0
+        else:
+            streak += 1
+            counts[2] += 1
+            logger.warning('epoch %d step %d: non-finite loss, step skipped (%d in a row)', epoch, step, streak)
+            if streak >= args.max_nonfinite:
+                raise RuntimeError(f'{streak} consecutive steps with a non-finite loss at epoch {epoch} step '
+                                   f'{step}: lower --lr, try --precision amp_bf16/fp32, or check the data')
+        optimizer.zero_grad(set_to_none=True)
+        step_ok = True
+        logit_scale = _clamp_logit_scale(model_without_ddp)
+        meters.update(n=args.batch_size, **{k: v for k, v in loss_dict.items()}, logit_scale=logit_scale)
+        if (step + 1) % args.print_freq == 0 or step + 1 == iters_per_epoch:
+            _report(meters, counts, args, epoch, step, iters_per_epoch, wait, t_epoch, first_step, device,
+                    writer, optimizer)
+        if args.save_every_steps and (step + 1) % args.save_every_steps == 0 and step + 1 < iters_per_epoch:
+            save(args, model_without_ddp, optimizer, scaler, epoch, step + 1, best_acc1)
+        t_step = time.perf_counter()
+    meters.synchronize()
+    _check_bad_fraction(counts, args, epoch)
+    return {**meters.averages(), 'lr': optimizer.param_groups[0]['lr'], 'bad_samples': int(counts[0])}
+
+
+def _until_any_rank_ends(loader, device):
+    """Stop every rank together when one runs out (WebDataset shards can give ranks uneven sample counts)."""
+    iterator = iter(loader)
+    while True:
+        batch = next(iterator, None)
+        if not _all_ranks_true(torch.tensor(batch is not None), device):
+            return
+        yield batch
+
+
+def _all_ranks_true(flag: torch.Tensor, device) -> bool:
+    if utils.get_world_size() == 1:
+        return bool(flag)
+    t = flag.to(device=device if device.type == 'cuda' else 'cpu', dtype=torch.int32).reshape(1)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def _clamp_logit_scale(model) -> float:
+    if not hasattr(model, 'logit_scale'):
+        return 0.0
+    with torch.no_grad():
+        model.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
+        return model.logit_scale.exp().item()
+
+
+def _check_bad_fraction(counts, args, epoch):
+    total = counts.clone()
+    if utils.get_world_size() > 1:
+        torch.distributed.all_reduce(total)
+    bad, seen = float(total[0]), float(total[1])
+    if bad:
+        logger.warning('epoch %d: %d of %d images were missing or undecodable and were replaced', epoch, bad, seen)
+    if seen and bad / seen > args.max_bad_fraction:
+        raise RuntimeError(f'{bad:.0f} of {seen:.0f} images ({100 * bad / seen:.1f}%) are missing or undecodable, '
+                           f'more than --max-bad-fraction {args.max_bad_fraction}: check --root and --metadata')
+
+
+def _report(meters, counts, args, epoch, step, iters, wait, t_epoch, first_step, device, writer, optimizer):
+    elapsed = time.perf_counter() - t_epoch
+    done = step + 1 - first_step
+    samples_s = done * args.batch_size * args.update_freq * args.world_size / max(elapsed, 1e-9)
+    eta = elapsed / done * ((iters - step - 1) + iters * (args.epochs - epoch - 1))
+    logger.info('Epoch [%d][%d/%d] %s  lr %.3g  %.1f samples/s  data %.0f%%  ETA %s  mem %.2f GB  bad %d', epoch,
+                step + 1, iters, meters, optimizer.param_groups[0]['lr'], samples_s, 100 * wait / max(elapsed, 1e-9),
+                utils.format_seconds(eta), utils.peak_memory_gb(device), int(counts[0]))
+    global_step = iters * epoch + step
+    for k, m in meters.meters.items():
+        writer.scalar(f'train/{k}', m.val, global_step)
+    writer.scalar('train/lr', optimizer.param_groups[0]['lr'], global_step)
+    writer.scalar('train/samples_per_s', samples_s, global_step)
+
+
+if __name__ == '__main__':
+    parser = argparse.ArgumentParser('SLIP pre-training', parents=[get_args_parser()])
+    args = parser.parse_args()
+    os.makedirs(args.output_dir, exist_ok=True)
+    main(args)
