@@ -214,11 +214,23 @@ def accuracy(output: torch.Tensor, target: torch.Tensor, topk: Iterable[int] = (
 PRECISIONS = ('amp', 'amp_bf16', 'fp32')
 
 
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU has bf16 matrix instructions (AVX512-BF16 or AMX). Without them (e.g. AVX2-only CPUs)
+    bf16 matmuls are emulated and run many times slower than fp32."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return 'avx512_bf16' in flags or 'amx_bf16' in flags
+
+
 def default_precision(device: torch.device) -> str:
-    """bf16 autocast where the device runs it natively (CPUs and Ampere+ GPUs), fp16 AMP on older GPUs."""
-    if device.type == 'cuda' and not torch.cuda.is_bf16_supported():
-        return 'amp'
-    return 'amp_bf16'
+    """bf16 autocast where the device runs it natively (Ampere+ GPUs, CPUs with AVX512-BF16/AMX); fp16 AMP on older
+    GPUs; fp32 on CPUs without bf16 instructions."""
+    if device.type == 'cuda':
+        return 'amp_bf16' if torch.cuda.is_bf16_supported() else 'amp'
+    return 'amp_bf16' if cpu_has_native_bf16() else 'fp32'
 
 
 def autocast(precision: str, device: torch.device):
