@@ -1,0 +1,235 @@
+"""Benchmarks: one training step, and the input pipeline alone. Fast paths vs the original's computation.
+
+Training step (forward, loss, backward, AdamW) on synthetic inputs, captions of 8-30 tokens:
+    python bench.py train --model SLIP_VITS16 --batch-size 8 --precision amp_bf16 --device cpu --steps 5 --compare
+Input pipeline (read, decode, all views, tokenize) in one process, on YFCC-layout zips made here if missing:
+    python bench.py data --dataset yfcc15m --root /tmp/yfcc_bench --metadata /tmp/yfcc_bench/yfcc.pkl \
+        --model SLIP_VITS16 --workers 0 --num-samples 300 --make-fixture --compare
+
+`--baseline` turns every fast path off (separate view passes, full 77-token text, unfused attention, per-tensor
+AdamW, a zip archive reopened per sample); `--compare` runs both in one process, interleaved, and prints the ratio.
+Each configuration prints a table row and one JSON line (`samples_per_s`, `step_s_median`, ...).
+"""
+import argparse
+import io
+import json
+import os
+import pickle
+import statistics
+import time
+
+import numpy as np
+import torch
+
+import losses
+import models
+import utils
+
+BF16_PEAK_TFLOPS = {'H200': 989.5, 'H100': 989.5, 'A100': 312.0, 'L40S': 362.0, 'A10': 125.0, 'V100': 125.0}
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser('SLIP benchmarks', add_help=False)
+    p.add_argument('mode', choices=['train', 'data'])
+    p.add_argument('--model', default='SLIP_VITB16')
+    p.add_argument('--batch-size', default=8, type=int)
+    p.add_argument('--precision', default=None, choices=utils.PRECISIONS, help='default: the device\'s default')
+    p.add_argument('--device', default=None)
+    p.add_argument('--steps', default=5, type=int, help='timed steps per configuration (after 2 warm-up steps)')
+    p.add_argument('--baseline', action='store_true', help='every fast path off')
+    p.add_argument('--compare', action='store_true', help='baseline and fast paths side by side, interleaved')
+    p.add_argument('--compile', action='store_true', help='torch.compile the model (fast configuration)')
+    p.add_argument('--grad-checkpointing', action='store_true')
+    p.add_argument('--peak-tflops', default=None, type=float, help='bf16 peak for MFU (default: by GPU name)')
+    p.add_argument('--dataset', default='yfcc15m')
+    p.add_argument('--root', default='/tmp/yfcc_bench')
+    p.add_argument('--metadata', default='/tmp/yfcc_bench/yfcc.pkl')
+    p.add_argument('--workers', default=0, type=int)
+    p.add_argument('--num-samples', default=200, type=int)
+    p.add_argument('--make-fixture', action='store_true', help='write YFCC-layout zips of 500x375 JPEGs if absent')
+    p.add_argument('--fixture-archive-size', default=1000, type=int, help='photos per zip (YFCC: 1000)')
+    p.add_argument('--seed', default=0, type=int)
+    return p
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training step
+# ----------------------------------------------------------------------------------------------------------------
+def synthetic_batch(spec, batch_size, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    size = spec.image_size
+    views = [torch.randn(batch_size, 3, size, size, generator=g).to(device) for _ in range(3)]
+    text = torch.zeros(batch_size, 77, dtype=torch.long)
+    for i in range(batch_size):  # start, 8-30 word-piece ids, end: typical alt-text lengths
+        n = int(torch.randint(8, 31, (1,), generator=g))
+        text[i, 0], text[i, n + 1] = 49406, 49407
+        text[i, 1:n + 1] = torch.randint(300, 40000, (n,), generator=g)
+    text = text.to(device)
+    return {'clip': (views[0], text), 'simclr': (views[1], views[2]), 'slip': (views[0], text, views[1], views[2])}[
+        spec.family]
+
+
+class TrainStep:
+    """One configuration: a model, its optimizer and a step function."""
+
+    def __init__(self, args, device, baseline):
+        torch.manual_seed(args.seed)
+        self.name = 'baseline' if baseline else 'fast' + ('+compile' if args.compile else '')
+        self.spec = models.get_spec(args.model)
+        self.model = models.create_model(args.model).to(device)
+        models.set_fast_paths(self.model, not baseline)
+        if args.grad_checkpointing:
+            self.model.set_grad_checkpointing(True)
+        self.criterion = losses.get_loss(args.model)
+        decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2]
+        no_decay = [p for n, p in self.model.named_parameters() if p.ndim < 2]
+        groups = [{'params': decay, 'weight_decay': 0.1}, {'params': no_decay, 'weight_decay': 0.0}]
+        impl = {'foreach': False} if baseline else ({'fused': True} if device.type == 'cuda' else {'foreach': True})
+        self.optimizer = torch.optim.AdamW(groups, lr=1e-4, **impl)
+        self.forward = torch.compile(self.model) if args.compile and not baseline else self.model
+        self.precision, self.device = args.precision, device
+        self.inputs = synthetic_batch(self.spec, args.batch_size, device, args.seed)
+        self.times, self.flops = [], None
+
+    def step(self):
+        with utils.autocast(self.precision, self.device):
+            loss = self.criterion(self.forward(*self.inputs))['loss']
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def timed_step(self):
+        _sync(self.device)
+        t = time.perf_counter()
+        self.step()
+        _sync(self.device)
+        self.times.append(time.perf_counter() - t)
+
+    def count_flops(self):
+        from torch.utils.flop_counter import FlopCounterMode
+        counter = FlopCounterMode(display=False)
+        with counter:
+            with utils.autocast(self.precision, self.device):
+                loss = self.criterion(self.model(*self.inputs))['loss']
+            loss.backward()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.flops = counter.get_total_flops()
+
+
+def _sync(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def _peak_tflops(args, device):
+    if args.peak_tflops:
+        return args.peak_tflops
+    if device.type != 'cuda':
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
+
+
+def bench_train(args, device):
+    configs = [TrainStep(args, device, True), TrainStep(args, device, False)] if args.compare else \
+        [TrainStep(args, device, args.baseline)]
+    for c in configs:
+        c.count_flops()  # the FLOPs this configuration really executes (on the uncompiled model)
+        for _ in range(2):
+            c.step()  # warm-up (and compilation)
+    for _ in range(args.steps):  # interleaved, so a noisy neighbour hits every configuration alike
+        for c in configs:
+            c.timed_step()
+    peak = _peak_tflops(args, device)
+    rows = []
+    for c in configs:
+        med = statistics.median(c.times)
+        row = {'mode': 'train', 'model': args.model, 'config': c.name, 'batch_size': args.batch_size,
+               'precision': args.precision, 'device': str(device), 'step_s_median': med,
+               'samples_per_s': args.batch_size / med, 'gflops_per_step': c.flops / 1e9,
+               'peak_memory_gb': utils.peak_memory_gb(device),
+               'mfu': (c.flops / med / (peak * 1e12)) if peak else None}
+        rows.append(row)
+    if device.type == 'cuda':  # per-configuration peak memory needs separate processes; report the process peak
+        torch.cuda.reset_peak_memory_stats(device)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Input pipeline
+# ----------------------------------------------------------------------------------------------------------------
+def make_yfcc_fixture(root, metadata, n, seed=0, per_zip=1000):
+    """YFCC layout (images/<2>/<3>.zip holding <3>.jpg) with n photos of 500x375, per_zip members per archive."""
+    import zipfile
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    os.makedirs(os.path.join(root, 'images', '00'), exist_ok=True)
+    records = []
+    for start in range(0, max(n, per_zip), per_zip):
+        with zipfile.ZipFile(os.path.join(root, 'images', '00', f'{start // per_zip:03d}.zip'), 'w') as zf:
+            for j in range(per_zip):  # full archives, so reopening costs what it costs on real data
+                photo_id = start + j
+                base = rng.integers(0, 255, (47, 63, 3), dtype=np.uint8)
+                img = Image.fromarray(base).resize((500, 375), Image.BICUBIC)  # smooth, JPEG-like content
+                buf = io.BytesIO()
+                img.save(buf, format='JPEG', quality=90)
+                zf.writestr(f'{j:03d}.jpg', buf.getvalue())
+                records.append((photo_id, f'photo number {photo_id} of a landscape', f'description {photo_id}'))
+    with open(metadata, 'wb') as f:
+        pickle.dump(records[:n] if n >= per_zip else records, f)
+
+
+def bench_data(args):
+    import datasets
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a DataLoader worker: tiny tensor ops must not wait on a thread pool
+    if args.make_fixture and not os.path.exists(args.metadata):
+        make_yfcc_fixture(args.root, args.metadata, args.num_samples, args.seed, args.fixture_archive_size)
+    args.demo_samples, args.train_num_samples = args.num_samples, args.num_samples
+    dataset = datasets.get_train_dataset(args, utils.Tokenizer())
+    dataset.set_epoch(0)
+    n = min(args.num_samples, len(dataset))
+    configs = [True, False] if args.compare else [args.baseline]
+    times = {c: [] for c in configs}
+    for rep in range(3):  # interleave repetitions of each configuration
+        for baseline in configs:
+            datasets.ZIP_KEEP_OPEN = not baseline
+            datasets._zip_caches.clear()
+            loader = torch.utils.data.DataLoader(dataset, batch_size=16, num_workers=args.workers,
+                                                 sampler=[(rep * 7 + i) % len(dataset) for i in range(n)])
+            t = time.perf_counter()
+            for _ in loader:
+                pass
+            times[baseline].append(time.perf_counter() - t)
+    datasets.ZIP_KEEP_OPEN = True
+    torch.set_num_threads(threads)
+    return [{'mode': 'data', 'dataset': args.dataset, 'model': args.model, 'config': 'baseline' if b else 'fast',
+             'workers': args.workers, 'num_samples': n, 'samples_per_s': n / statistics.median(times[b])}
+            for b in configs]
+
+
+def print_rows(rows):
+    keys = [k for k in rows[0] if k not in ('mode',)]
+    print(' | '.join(keys))
+    for r in rows:
+        print(' | '.join(f'{r[k]:.4g}' if isinstance(r[k], float) else str(r[k]) for k in keys))
+    if len(rows) == 2:
+        print(f'speed-up of {rows[1]["config"]} over {rows[0]["config"]}: '
+              f'{rows[1]["samples_per_s"] / rows[0]["samples_per_s"]:.2f}x')
+    for r in rows:
+        print(json.dumps(r))
+
+
+def main(args):
+    if args.mode == 'data':
+        rows = bench_data(args)
+    else:
+        device = utils.resolve_device(args.device)
+        args.precision = args.precision or utils.default_precision(device)
+        rows = bench_train(args, device)
+    print_rows(rows)
+    return rows
+
+
+if __name__ == '__main__':
+    main(argparse.ArgumentParser('SLIP benchmarks', parents=[get_args_parser()]).parse_args())

@@ -1,0 +1,30 @@
+"""bench.py runs both modes and reports comparable figures (timings themselves are not asserted)."""
+import argparse
+import json
+
+import bench
+
+
+def parse(*argv):
+    return argparse.ArgumentParser(parents=[bench.get_args_parser()]).parse_args([str(a) for a in argv])
+
+
+def test_train_compare_prints_rows_and_json(capsys):
+    rows = bench.main(parse('train', '--model', 'SLIP_TINY', '--batch-size', 4, '--device', 'cpu', '--steps', 1,
+                            '--precision', 'fp32', '--compare'))
+    assert [r['config'] for r in rows] == ['baseline', 'fast']
+    baseline, fast = rows
+    assert fast['gflops_per_step'] < baseline['gflops_per_step']  # text truncation really skips work
+    assert all(r['samples_per_s'] > 0 and r['step_s_median'] > 0 for r in rows)
+    out = capsys.readouterr().out
+    assert 'speed-up of fast over baseline' in out
+    assert [json.loads(line)['config'] for line in out.splitlines() if line.startswith('{')] == ['baseline', 'fast']
+
+
+def test_data_compare_on_generated_yfcc_archives(tmp_path):
+    rows = bench.main(parse('data', '--dataset', 'yfcc15m', '--root', tmp_path, '--metadata', tmp_path / 'm.pkl',
+                            '--model', 'SLIP_TINY', '--num-samples', 8, '--make-fixture', '--fixture-archive-size', 16,
+                            '--compare'))
+    assert [r['config'] for r in rows] == ['baseline', 'fast']
+    assert all(r['samples_per_s'] > 0 and r['num_samples'] == 8 for r in rows)
+    assert (tmp_path / 'images' / '00' / '000.zip').exists()
