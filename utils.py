@@ -294,11 +294,16 @@ def save_checkpoint(state: Dict[str, Any], is_best: bool, output_dir: str, filen
     for name in targets:
         path = os.path.join(output_dir, name)
         tmp = f'{path}.tmp.{os.getpid()}'
-        with open(tmp, 'wb') as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, 'wb') as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:  # interrupted (e.g. by a requeue signal): drop the partial file, keep the old one
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
 
 
 def strip_prefix(state_dict: Dict[str, torch.Tensor], prefix: str = 'module.') -> Dict[str, torch.Tensor]:
