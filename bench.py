@@ -35,7 +35,9 @@ def get_args_parser():
     p.add_argument('--batch-size', default=8, type=int)
     p.add_argument('--precision', default=None, choices=utils.PRECISIONS, help='default: the device\'s default')
     p.add_argument('--device', default=None)
-    p.add_argument('--steps', default=5, type=int, help='timed steps per configuration (after 2 warm-up steps)')
+    p.add_argument('--steps', default=5, type=int, help='timed steps per configuration')
+    p.add_argument('--warmup', default=2, type=int, help='untimed steps first (compilation, allocator warm-up)')
+    p.add_argument('--count-flops', action='store_true', help='count FLOPs per step (always on CUDA, for MFU)')
     p.add_argument('--baseline', action='store_true', help='every fast path off')
     p.add_argument('--compare', action='store_true', help='baseline and fast paths side by side, interleaved')
     p.add_argument('--compile', action='store_true', help='torch.compile the model (fast configuration)')
@@ -134,8 +136,9 @@ def bench_train(args, device):
     configs = [TrainStep(args, device, True), TrainStep(args, device, False)] if args.compare else \
         [TrainStep(args, device, args.baseline)]
     for c in configs:
-        c.count_flops()  # the FLOPs this configuration really executes (on the uncompiled model)
-        for _ in range(2):
+        if args.count_flops or device.type == 'cuda':
+            c.count_flops()  # the FLOPs this configuration really executes (on the uncompiled model)
+        for _ in range(args.warmup):
             c.step()  # warm-up (and compilation)
     for _ in range(args.steps):  # interleaved, so a noisy neighbour hits every configuration alike
         for c in configs:
@@ -146,9 +149,9 @@ def bench_train(args, device):
         med = statistics.median(c.times)
         row = {'mode': 'train', 'model': args.model, 'config': c.name, 'batch_size': args.batch_size,
                'precision': args.precision, 'device': str(device), 'step_s_median': med,
-               'samples_per_s': args.batch_size / med, 'gflops_per_step': c.flops / 1e9,
+               'samples_per_s': args.batch_size / med, 'gflops_per_step': c.flops / 1e9 if c.flops else None,
                'peak_memory_gb': utils.peak_memory_gb(device),
-               'mfu': (c.flops / med / (peak * 1e12)) if peak else None}
+               'mfu': (c.flops / med / (peak * 1e12)) if peak and c.flops else None}
         rows.append(row)
     if device.type == 'cuda':  # per-configuration peak memory needs separate processes; report the process peak
         torch.cuda.reset_peak_memory_stats(device)

@@ -11,7 +11,7 @@ def parse(*argv):
 
 def test_train_compare_prints_rows_and_json(capsys):
     rows = bench.main(parse('train', '--model', 'SLIP_TINY', '--batch-size', 4, '--device', 'cpu', '--steps', 1,
-                            '--precision', 'fp32', '--compare'))
+                            '--precision', 'fp32', '--compare', '--count-flops', '--warmup', 1))
     assert [r['config'] for r in rows] == ['baseline', 'fast']
     baseline, fast = rows
     assert fast['gflops_per_step'] < baseline['gflops_per_step']  # text truncation really skips work
