@@ -287,6 +287,9 @@ def main(args):
             for k, v in stats.items():
                 writer.scalar(f'epoch/{k}', v, epoch)
     writer.close()
+    if zs_assets is not None:
+        logger.info('done: zero-shot top-1 on %s %.2f%% (best %.2f%%); outputs in %s', args.eval_dataset,
+                    stats.get('test_acc1', float('nan')), best_acc1, args.output_dir)
     utils.cleanup_distributed()
     return stats
 
