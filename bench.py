@@ -86,7 +86,7 @@ class TrainStep:
         decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2]
         no_decay = [p for n, p in self.model.named_parameters() if p.ndim < 2]
         groups = [{'params': decay, 'weight_decay': 0.1}, {'params': no_decay, 'weight_decay': 0.0}]
-        impl = {'foreach': False} if baseline else ({'fused': True} if device.type == 'cuda' else {'foreach': True})
+        impl = {'foreach': False} if baseline else {'fused': True}
         self.optimizer = torch.optim.AdamW(groups, lr=1e-4, **impl)
         self.forward = torch.compile(self.model) if args.compile and not baseline else self.model
         self.precision, self.device = args.precision, device
