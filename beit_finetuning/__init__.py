@@ -1,0 +1,1 @@
+"""End-to-end ImageNet fine-tuning of SLIP / CLIP / SimCLR image towers with the BEiT recipe (see README.md)."""
