@@ -201,12 +201,17 @@ def encode_images(net, dataset, device, precision: str, batch_size: int, workers
     feats, targets = [], []
     loader = torch.utils.data.DataLoader(shard(dataset), batch_size=batch_size, shuffle=False, num_workers=workers,
                                          pin_memory=device.type == 'cuda')
+    start = time.perf_counter()
     for batch in loader:
         images = (batch[0] if with_targets else batch).to(device, non_blocking=True)
         with utils.autocast(precision, device):
             feats.append(F.normalize(net.encode_image(images).float(), dim=-1))
         if with_targets:
             targets.append(torch.as_tensor(batch[1]).to(device))
+    seconds = time.perf_counter() - start
+    n_local = sum(len(f) for f in feats)
+    utils.logger.info('encoded %d images in %.1f s: %.2f images/s per process (read, decode, forward)', n_local,
+                      seconds, n_local / max(seconds, 1e-9))
     dim = net.image_projection.shape[1]
     feats = gather_shards(torch.cat(feats) if feats else torch.empty(0, dim, device=device), len(dataset))
     if not with_targets:

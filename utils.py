@@ -333,6 +333,9 @@ def load_checkpoint(path: str, map_location: Any = 'cpu') -> Dict[str, Any]:
     ckpt = dict(ckpt)
     if 'state_dict' not in ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
         ckpt = {'state_dict': ckpt}  # a bare state_dict
+    for alias in ('model', 'module'):  # BEiT / MAE / DeiT files keep their weights under these keys
+        if 'state_dict' not in ckpt and isinstance(ckpt.get(alias), dict):
+            ckpt['state_dict'] = ckpt[alias]
     if 'state_dict' not in ckpt:
         raise CheckpointError(f'checkpoint {path!r} has no "state_dict" (keys: {sorted(ckpt)[:10]})')
     ckpt['state_dict'] = strip_prefix(ckpt['state_dict'])

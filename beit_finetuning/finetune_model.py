@@ -3,8 +3,8 @@
 The seed fine-tuned with BEiT's own ViT, patched so its keys match timm's. Here the model *is* timm's
 ``VisionTransformer``, configured like the seed's ``beit_*`` models with ``--disable_rel_pos_bias --abs_pos_emb``:
 pre-norm blocks with a fused, biased qkv, LayerNorm eps 1e-6, a learned absolute position embedding and optional
-layer scale. Its keys (``patch_embed.proj``, ``cls_token``, ``pos_embed``, ``blocks.N.*``, ``norm``) are the ``visual.*``
-keys of every SLIP, CLIP and SimCLR checkpoint, so the backbone loads without renaming.
+layer scale. Its keys (``patch_embed.proj``, ``cls_token``, ``pos_embed``, ``blocks.N.*``, ``norm``) are the
+``visual.*`` keys of every SLIP, CLIP and SimCLR checkpoint, so the backbone loads without renaming.
 
 References:
   BEiT: Bao et al., "BEiT: BERT Pre-Training of Image Transformers", arXiv 2106.08254 (fine-tuning recipe,
@@ -13,7 +13,6 @@ References:
 from typing import Any, Dict, List, Tuple
 
 import torch
-import torch.nn as nn
 from timm.layers import resample_abs_pos_embed, trunc_normal_
 from timm.models.vision_transformer import VisionTransformer
 
