@@ -8,15 +8,13 @@ import torch
 import models
 import utils
 
-REFERENCE = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'reference', 'slip_state_dict_keys.json')
+# Parameter names, shapes and counts of the nine released architectures (taken from the original code).
+REFERENCE = os.path.join(os.path.dirname(__file__), 'data', 'slip_state_dict_keys.json')
 TINY = ['CLIP_TINY', 'SIMCLR_TINY', 'SLIP_TINY']
 
 
 def _reference():
-    path = os.environ.get('SLIP_REFERENCE_KEYS', REFERENCE)
-    if not os.path.exists(path):
-        path = os.path.join(os.path.dirname(__file__), 'data', 'slip_state_dict_keys.json')
-    with open(path) as f:
+    with open(REFERENCE) as f:
         return json.load(f)['models']
 
 
