@@ -269,8 +269,10 @@ def main(args):
     stats = {}
     for epoch in range(start_epoch, args.epochs):
         first = start_step if epoch == start_epoch else 0
-        sampler.set_epoch(epoch, first * args.update_freq, args.batch_size) if isinstance(
-            sampler, EpochSampler) else sampler.set_epoch(epoch)
+        if isinstance(sampler, EpochSampler):
+            sampler.set_epoch(epoch, first * args.update_freq, args.batch_size)  # skip what was already trained
+        else:
+            sampler.set_epoch(epoch)  # WebDataset: the epoch's shard order
         train_stats = train_one_epoch(loader, model, criterion, optimizer, scaler, schedule, epoch, first,
                                       iters_per_epoch, args, device, writer, model_without_ddp, best_acc1)
         val_stats = {}
