@@ -26,6 +26,7 @@ def test_released_layout_matches_reference(name):
     got = [(k, list(v.shape)) for k, v in model.state_dict().items()]
     assert got == [(k, v) for k, v in ref['state_dict'].items()]  # names, shapes and order
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == ref['parameters']
+    assert models._class_token_only_ok(model.visual)  # the released towers take the class-token-only shortcut
 
 
 def test_registry_records_family_and_resolution():
@@ -56,6 +57,7 @@ def test_rn50_builds_with_attention_pooling():
     assert hasattr(model.visual, 'attnpool')
     assert tuple(model.image_projection.shape) == (1024, 512)
     assert model.fuse_views is False  # BatchNorm in the tower: views never share a batch
+    assert not models._class_token_only_ok(model.visual)  # not a ViT: runs whole
 
 
 def _inputs(name, batch=4, seed=0):
@@ -85,9 +87,11 @@ def test_tiny_forward_backward_every_parameter_gets_gradient(name):
     assert missing == []
 
 
-@pytest.mark.parametrize('name', ['SIMCLR_TINY', 'SLIP_TINY'])
-def test_shared_view_pass_equals_separate_passes(name):
-    """One concatenated ViT pass gives the outputs, BN statistics and gradients of separate passes.
+@pytest.mark.parametrize('name,checkpointing', [('CLIP_TINY', False), ('SIMCLR_TINY', False), ('SLIP_TINY', False),
+                                                 ('SLIP_TINY', True)])
+def test_fast_paths_equal_plain_computation(name, checkpointing):
+    """One concatenated ViT pass with a class-token-only last block (and packed text) gives the outputs, BN
+    statistics and gradients of separate full passes.
 
     In float64, so that only a real difference (not float32 summation order) can fail the comparison.
     """
@@ -96,6 +100,8 @@ def test_shared_view_pass_equals_separate_passes(name):
     slow = models.create_model(name).double()
     slow.load_state_dict(fast.state_dict())
     models.set_fast_paths(slow, False)
+    assert models._class_token_only_ok(fast.visual)  # the shortcut really runs
+    fast.set_grad_checkpointing(checkpointing)
     inputs = [x.double() if x.is_floating_point() else x for x in _inputs(name)]
     out_fast, out_slow = fast(*inputs), slow(*inputs)
     for k in out_fast:
@@ -109,21 +115,45 @@ def test_shared_view_pass_equals_separate_passes(name):
         torch.testing.assert_close(a, b, msg=n)  # BatchNorm running stats updated identically
 
 
-def test_text_truncation_equals_full_context():
+@pytest.mark.parametrize('checkpointing', [False, True])
+def test_packed_text_equals_full_context(checkpointing):
+    """Each caption run only up to its end-of-text token, packed, gives the full-context embeddings and gradients.
+
+    In float64, so that only a real difference (not float32 summation order) can fail the comparison.
+    """
     torch.manual_seed(0)
-    model = models.create_model('CLIP_TINY')
+    fast = models.create_model('CLIP_TINY').double()
+    slow = models.create_model('CLIP_TINY').double()
+    slow.load_state_dict(fast.state_dict())
+    slow.truncate_text = False
+    fast.set_grad_checkpointing(checkpointing)
     tok = utils.Tokenizer()
-    text = tok(['a', 'a much longer caption with quite a few more words in it than the first', 'b c'])
-    assert int(text.argmax(-1).max()) < 40  # the shortcut really drops positions here
-    model.truncate_text = True
-    short = model.encode_text(text)
-    model.truncate_text = False
-    full = model.encode_text(text)
-    torch.testing.assert_close(short, full, atol=1e-5, rtol=1e-5)
+    text = tok(['a', 'a much longer caption with quite a few more words in it than the first', 'b c', 'dog ' * 100])
+    assert int(text.argmax(-1).min()) < 5 and int(text.argmax(-1).max()) == 76  # lengths from 3 to the full 77
+    short, full = fast.encode_text(text), slow.encode_text(text)
+    torch.testing.assert_close(short, full, atol=1e-10, rtol=1e-10)
+    (short ** 2).sum().backward()
+    (full ** 2).sum().backward()
+    for (n, a), (_, b) in zip(fast.named_parameters(), slow.named_parameters()):
+        if b.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-8, atol=1e-10, msg=n)
     # over-long captions keep their end-of-text token, so they do not collapse to one embedding
-    long = tok(['dog ' * 100, 'cat ' * 100])
-    emb = model.encode_text(long)
+    emb = fast.encode_text(tok(['dog ' * 100, 'cat ' * 100]))
     assert not torch.allclose(emb[0], emb[1])
+
+
+def test_packed_text_does_less_work():
+    from torch.utils.flop_counter import FlopCounterMode
+    model = models.create_model('CLIP_TINY')
+    text = utils.Tokenizer()(['a photo of a dog', 'a cat'])
+    flops = {}
+    for packed in (True, False):
+        model.truncate_text = packed
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            model.encode_text(text)
+        flops[packed] = counter.get_total_flops()
+    assert flops[True] * 8 < flops[False]  # 7 + 4 tokens instead of 2 x 77
 
 
 def test_unfused_attention_equals_fused():
