@@ -6,8 +6,9 @@ Input pipeline (read, decode, all views, tokenize) in one process, on YFCC-layou
     python bench.py data --dataset yfcc15m --root /tmp/yfcc_bench --metadata /tmp/yfcc_bench/yfcc.pkl \
         --model SLIP_VITS16 --workers 0 --num-samples 300 --make-fixture --compare
 
-`--baseline` turns every fast path off (separate view passes, full 77-token text, unfused attention, per-tensor
-AdamW, a zip archive reopened per sample); `--compare` runs both in one process, interleaved, and prints the ratio.
+`--baseline` turns every fast path off (separate view passes, full 77-token text, a full last ViT block, unfused
+attention, per-tensor AdamW; a zip archive reopened per sample, float views made in the worker); `--compare` runs
+both in one process, interleaved, and prints the ratio. `data --device-augment` adds main.py's --device-augment.
 Each configuration prints a table row and one JSON line (`samples_per_s`, `step_s_median`, ...).
 """
 import argparse
@@ -50,6 +51,8 @@ def get_args_parser():
     p.add_argument('--num-samples', default=200, type=int)
     p.add_argument('--make-fixture', action='store_true', help='write YFCC-layout zips of 500x375 JPEGs if absent')
     p.add_argument('--fixture-archive-size', default=1000, type=int, help='photos per zip (YFCC: 1000)')
+    p.add_argument('--device-augment', action='store_true',
+                   help='data mode: also measure main.py --device-augment (SimCLR colour/blur on --device)')
     p.add_argument('--seed', default=0, type=int)
     return p
 
@@ -183,32 +186,55 @@ def make_yfcc_fixture(root, metadata, n, seed=0, per_zip=1000):
 
 
 def bench_data(args):
+    """The input pipeline alone: read, decode, every view, tokenize, collate. Configurations (interleaved):
+    baseline (zip reopened per sample, float views made in the worker), fast (what main.py runs: zips kept open,
+    uint8 views) and, with --device-augment, fast+device_augment, whose batched colour/blur cost on --device is
+    timed apart (``device_ms_per_sample``)."""
     import datasets
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a DataLoader worker: tiny tensor ops must not wait on a thread pool
     if args.make_fixture and not os.path.exists(args.metadata):
         make_yfcc_fixture(args.root, args.metadata, args.num_samples, args.seed, args.fixture_archive_size)
     args.demo_samples, args.train_num_samples = args.num_samples, args.num_samples
-    dataset = datasets.get_train_dataset(args, utils.Tokenizer())
-    dataset.set_epoch(0)
-    n = min(args.num_samples, len(dataset))
-    configs = [True, False] if args.compare else [args.baseline]
-    times = {c: [] for c in configs}
+    configs = [('baseline', False, 'float'), ('fast', True, 'uint8')] if args.compare else \
+        [('baseline', False, 'float') if args.baseline else ('fast', True, 'uint8')]
+    if args.device_augment:
+        configs.append(('fast+device_augment', True, 'device_augment'))
+    sets = {}
+    for name, _, fmt in configs:
+        args.image_format = fmt
+        sets[name] = datasets.get_train_dataset(args, utils.Tokenizer())
+        sets[name].set_epoch(0)
+    family = models.get_spec(args.model).family
+    device = utils.resolve_device(args.device) if args.device_augment else None
+    n = min(args.num_samples, len(sets[configs[0][0]]))
+    times = {c[0]: [] for c in configs}
+    finish = {c[0]: [] for c in configs}
     for rep in range(3):  # interleave repetitions of each configuration
-        for baseline in configs:
-            datasets.ZIP_KEEP_OPEN = not baseline
+        for name, keep_open, fmt in configs:
+            datasets.ZIP_KEEP_OPEN = keep_open
             datasets._zip_caches.clear()
-            loader = torch.utils.data.DataLoader(dataset, batch_size=16, num_workers=args.workers,
-                                                 sampler=[(rep * 7 + i) % len(dataset) for i in range(n)])
-            t = time.perf_counter()
-            for _ in loader:
-                pass
-            times[baseline].append(time.perf_counter() - t)
+            loader = torch.utils.data.DataLoader(sets[name], batch_size=16, num_workers=args.workers,
+                                                 sampler=[(rep * 7 + i) % len(sets[name]) for i in range(n)])
+            t, batches = time.perf_counter(), []
+            for batch in loader:
+                if fmt == 'device_augment':
+                    batches.append(batch)
+            times[name].append(time.perf_counter() - t)
+            if batches:  # the device's share, timed apart from the workers'
+                torch.set_num_threads(threads)
+                t = time.perf_counter()
+                for batch in batches:
+                    datasets.finish_views([x.to(device) for x in batch[:-1]], family, fmt)
+                _sync(device)
+                finish[name].append(time.perf_counter() - t)
+                torch.set_num_threads(1)
     datasets.ZIP_KEEP_OPEN = True
     torch.set_num_threads(threads)
-    return [{'mode': 'data', 'dataset': args.dataset, 'model': args.model, 'config': 'baseline' if b else 'fast',
-             'workers': args.workers, 'num_samples': n, 'samples_per_s': n / statistics.median(times[b])}
-            for b in configs]
+    return [{'mode': 'data', 'dataset': args.dataset, 'model': args.model, 'config': name, 'workers': args.workers,
+             'num_samples': n, 'samples_per_s': n / statistics.median(times[name]),
+             'device_ms_per_sample': statistics.median(finish[name]) / n * 1e3 if finish[name] else None}
+            for name, _, _ in configs]
 
 
 def print_rows(rows):
@@ -216,9 +242,10 @@ def print_rows(rows):
     print(' | '.join(keys))
     for r in rows:
         print(' | '.join(f'{r[k]:.4g}' if isinstance(r[k], float) else str(r[k]) for k in keys))
-    if len(rows) == 2:
-        print(f'speed-up of {rows[1]["config"]} over {rows[0]["config"]}: '
-              f'{rows[1]["samples_per_s"] / rows[0]["samples_per_s"]:.2f}x')
+    if len(rows) >= 2:
+        for r in rows[1:]:
+            print(f'speed-up of {r["config"]} over {rows[0]["config"]}: '
+                  f'{r["samples_per_s"] / rows[0]["samples_per_s"]:.2f}x')
     for r in rows:
         print(json.dumps(r))
 

@@ -18,6 +18,7 @@ References:
   CLIP: Radford et al., "Learning Transferable Visual Models From Natural Language Supervision", arXiv 2103.00020.
   MoCo v3 ViT-S (12 heads): Chen et al., arXiv 2104.02057.
 """
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional
@@ -68,24 +69,38 @@ class CausalSelfAttention(nn.Module):
         self.out_proj = nn.Linear(width, width)
         nn.init.zeros_(self.out_proj.bias)
 
-    def forward(self, x: torch.Tensor, packing: Optional[tuple] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, packing: Optional[tuple] = None,
+                rows: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: [B, L, D]; or packed captions [T, D] with ``packing`` = (flat, B, L), where ``flat`` [T] holds each
         token's place in the padded [B * L] grid. The projections then run on the T real tokens only; attention runs
-        padded (each caption is a prefix of its row, so under the causal mask the zero padding is never attended)."""
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # [..., 3D]
+        padded (each caption is a prefix of its row, so under the causal mask the zero padding is never attended).
+        With ``rows`` [B] (packed input only: each caption's last token), only those queries are computed."""
+        D = self.in_proj_weight.shape[1]
+        if rows is None:
+            qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # [..., 3D]
+        else:  # keys and values of every token, the query of each caption's last token
+            q_last = F.linear(x[rows], self.in_proj_weight[:D], self.in_proj_bias[:D])  # [B, D]
+            qkv = torch.cat([torch.zeros_like(x), F.linear(x, self.in_proj_weight[D:], self.in_proj_bias[D:])], 1)
         if packing is not None:
             flat, B, L = packing
-            qkv = qkv.new_zeros(B * L, qkv.shape[-1]).index_copy(0, flat, qkv)
+            qkv = qkv.new_zeros(B * L, 3 * D).index_copy(0, flat, qkv)
         else:
             B, L = x.shape[:2]
-        D = qkv.shape[-1] // 3
         q, k, v = qkv.view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x [B, H, L, D/H]
-        if self.fused:
-            x = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if rows is not None:
+            q = q_last.view(B, 1, self.heads, D // self.heads).transpose(1, 2)  # [B, H, 1, D/H]
+            keep = torch.arange(L, device=x.device) <= (flat[rows] % L)[:, None]  # keys up to the query's position
+            mask = torch.zeros(B, 1, 1, L, device=x.device, dtype=q.dtype).masked_fill(~keep[:, None, None], -math.inf)
         else:
-            mask = torch.full((L, L), float('-inf'), device=x.device).triu(1)
-            attn = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5) + mask  # [B, H, L, L]
+            mask = torch.full((L, L), -math.inf, device=x.device, dtype=q.dtype).triu(1)
+        if self.fused:
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask if rows is not None else None,
+                                               is_causal=rows is None)
+        else:
+            attn = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5) + mask  # [B, H, L or 1, L]
             x = attn.softmax(dim=-1).to(v.dtype) @ v
+        if rows is not None:
+            return self.out_proj(x.reshape(B, D))  # [B, D]
         x = x.transpose(1, 2).reshape(B, L, D)
         if packing is not None:
             x = x.view(B * L, D).index_select(0, flat)  # back to [T, D]
@@ -104,8 +119,10 @@ class ResidualAttentionBlock(nn.Module):
         ]))
         self.ln_2 = LayerNorm(width)
 
-    def forward(self, x: torch.Tensor, packing: Optional[tuple] = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), packing)
+    def forward(self, x: torch.Tensor, packing: Optional[tuple] = None,
+                rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """With ``rows``, returns only those rows (their attention still reads every token)."""
+        x = (x if rows is None else x[rows]) + self.attn(self.ln_1(x), packing, rows)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -117,12 +134,15 @@ class Transformer(nn.Module):
         self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads) for _ in range(layers)])
         self.grad_checkpointing = False
 
-    def forward(self, x: torch.Tensor, packing: Optional[tuple] = None) -> torch.Tensor:
-        for block in self.resblocks:
+    def forward(self, x: torch.Tensor, packing: Optional[tuple] = None,
+                rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``rows``: if given, the last block computes (and returns) only those rows of a packed input."""
+        for i, block in enumerate(self.resblocks):
+            last_rows = rows if i == self.layers - 1 else None
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, packing, use_reentrant=False)
+                x = checkpoint(block, x, packing, last_rows, use_reentrant=False)
             else:
-                x = block(x, packing)
+                x = block(x, packing, last_rows)
         return x
 
 
@@ -252,8 +272,9 @@ class CLIP(nn.Module):
         B, L = text.shape[0], int(eot.max()) + 1
         flat = (torch.arange(L, device=text.device) <= eot[:, None]).flatten().nonzero().squeeze(1)  # [T]
         x = self.token_embedding(text[:, :L].reshape(-1)[flat]) + self.positional_embedding[flat % L]  # [T, W]
-        x = self.ln_final(self.transformer(x, (flat, B, L)))
-        return x[(eot + 1).cumsum(0) - 1] @ self.text_projection  # each caption's last token: [B, E]
+        last = (eot + 1).cumsum(0) - 1  # each caption's end-of-text token in the packed rows
+        x = self.ln_final(self.transformer(x, (flat, B, L), rows=last))  # [B, W]: the last block runs those rows
+        return x @ self.text_projection  # [B, E]
 
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> Dict[str, torch.Tensor]:
         return {'image_embed': self.encode_image(image), 'text_embed': self.encode_text(text),

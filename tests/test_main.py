@@ -66,6 +66,11 @@ def test_main_trains_each_family_and_writes_outputs(tmp_path, model):
     assert os.listdir(tmp_path / 'tensorboard')
 
 
+def test_device_augment_trains(tmp_path):
+    stats = main_script.main(tiny_args(tmp_path, 'SLIP_TINY', '--device-augment', '--epochs', 1))
+    assert stats['epoch'] == 0 and torch.isfinite(torch.tensor(stats['train_loss']))
+
+
 def test_auto_resume_continues_after_last_epoch(tmp_path, caplog):
     main_script.main(tiny_args(tmp_path, 'CLIP_TINY', '--epochs', 1))
     before = _weights(tmp_path / 'checkpoint.pt')
