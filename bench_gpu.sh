@@ -9,4 +9,4 @@ for model in CLIP_VITB16 SLIP_VITB16; do
   $PY bench.py train --model $model --batch-size 128 --precision amp_bf16 --device cuda --steps 20 --warmup 5 --compile
 done
 $PY bench.py data --dataset yfcc15m --root /tmp/yfcc_bench --metadata /tmp/yfcc_bench/yfcc.pkl --model SLIP_VITB16 \
-  --workers 16 --num-samples 4000 --make-fixture --compare
+  --workers 16 --num-samples 4000 --make-fixture --compare --device-augment --device cuda

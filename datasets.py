@@ -5,7 +5,9 @@ Pre-training (``get_train_dataset``): ``yfcc15m`` (pickle of (photo_id, title, d
 redcaps/combine_captions.py), ``wds`` (img2dataset tar shards, read with webdataset) and ``demo`` (coloured shapes
 drawn in code). A sample is ``(image, text)`` for CLIP, ``(aug1, aug2)`` for SimCLR, ``(image, text, aug1, aug2)``
 for SLIP, always followed by ``n_bad``: a 0-dim int64 count of the bad images skipped to produce it. Every random
-choice of sample i in epoch e comes from (seed, e, i), so a resumed run sees bitwise-identical data.
+choice of sample i in epoch e comes from (seed, e, i), so a resumed run sees bitwise-identical data. Images are
+normalised float tensors, or (``args.image_format``, as main.py asks) uint8 views finished on the device by
+``finish_views``; with 'device_augment' the SimCLR colour jitter and blur also run there.
 
 Downstream datasets are described by ``dataset_catalog.json`` entries ``{"path", "type", "train", "test"}`` with type
 ``imagefolder``, ``filelist`` (``<split>_images.npy`` / ``<split>_labels.npy``), ``special`` (torchvision's
@@ -193,10 +195,11 @@ IMAGE_FORMATS = ('float', 'uint8', 'device_augment')
 
 
 class ToUint8:
-    """PIL image -> uint8 tensor [3, H, W]; finish_views turns it into ToTensor + Normalize's floats on the device."""
+    """PIL image -> uint8 tensor [H, W, 3] (its own memory layout: no copy to channels-first in the worker);
+    finish_views turns a batch of them into ToTensor + Normalize's [B, 3, H, W] floats on the device."""
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
-        return torch.from_numpy(np.array(img.convert('RGB'), dtype=np.uint8)).permute(2, 0, 1).contiguous()
+        return torch.from_numpy(np.array(img.convert('RGB'), dtype=np.uint8))
 
 
 class CropFlipParams:
@@ -222,7 +225,7 @@ def build_transforms(image_size: int, image_format: str = 'float') -> Tuple[Call
     """Returns (clip_transform, ssl_augment, val_transform) at ``image_size`` px.
 
     ``image_format`` 'float' gives ImageNet-normalised tensors (the original); 'uint8' the same views as uint8
-    tensors, normalised by ``finish_views`` on the device (bitwise the same result, a quarter of the bytes);
+    [H, W, 3] tensors, normalised by ``finish_views`` on the device (bitwise the same result, a quarter of the bytes);
     'device_augment' leaves the SimCLR colour jitter, grayscale and blur to ``finish_views`` (other numerics).
     The val transform always gives floats.
     """
@@ -322,7 +325,7 @@ def finish_views(inputs: Sequence[torch.Tensor], family: str, image_format: str)
     mean = torch.tensor(IMAGENET_MEAN, device=inputs[0].device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=inputs[0].device).view(1, 3, 1, 1)
     for i in images:
-        x = inputs[i].float().div(255)
+        x = inputs[i].permute(0, 3, 1, 2).contiguous().float().div(255)  # [B, H, W, 3] uint8 -> [B, 3, H, W]
         if params is not None and i in ssl:
             x = device_colour_blur(x, params[:, ssl.index(i)])
         inputs[i] = x.sub_(mean).div_(std)
@@ -376,7 +379,7 @@ class PairMaker:
         with seeded_rngs(int(rng.integers(2 ** 63))):
             views: List[torch.Tensor] = []
             if self.family != 'simclr':
-                views += [self.clip_transform(image), self.tokenizer(caption)]  # [3, H, W], [77]
+                views += [self.clip_transform(image), self.tokenizer(caption)]  # [3, H, W] (or uint8 [H, W, 3]), [77]
             if self.family != 'clip':
                 a1, a2 = self.ssl_augment(image), self.ssl_augment(image)
                 if isinstance(a1, tuple):  # device_augment: (uint8 view, params) each; the params travel last

@@ -24,7 +24,8 @@ def test_train_compare_prints_rows_and_json(capsys):
 def test_data_compare_on_generated_yfcc_archives(tmp_path):
     rows = bench.main(parse('data', '--dataset', 'yfcc15m', '--root', tmp_path, '--metadata', tmp_path / 'm.pkl',
                             '--model', 'SLIP_TINY', '--num-samples', 8, '--make-fixture', '--fixture-archive-size', 16,
-                            '--compare'))
-    assert [r['config'] for r in rows] == ['baseline', 'fast']
+                            '--compare', '--device-augment', '--device', 'cpu'))
+    assert [r['config'] for r in rows] == ['baseline', 'fast', 'fast+device_augment']
     assert all(r['samples_per_s'] > 0 and r['num_samples'] == 8 for r in rows)
+    assert rows[0]['device_ms_per_sample'] is None and rows[2]['device_ms_per_sample'] > 0
     assert (tmp_path / 'images' / '00' / '000.zip').exists()

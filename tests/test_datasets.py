@@ -260,7 +260,7 @@ def test_device_augment_views_params_and_ops(tmp_path, tokenizer):
                                           image_format='device_augment'), tokenizer)
     ds.set_epoch(1)
     image, text, aug1, aug2, params, n_bad = next(iter(torch.utils.data.DataLoader(ds, batch_size=3)))
-    assert image.dtype == aug1.dtype == torch.uint8 and aug2.shape == (len(ds), 3, 64, 64) and params.shape == (len(ds), 2, 12)
+    assert image.dtype == aug1.dtype == torch.uint8 and aug2.shape == (len(ds), 64, 64, 3) and params.shape == (len(ds), 2, 12)
     assert all(torch.equal(a, b) for a, b in zip(ds[0], ds[0]))  # fixed by (seed, epoch, index)
     out = datasets.finish_views([image, text, aug1, aug2, params], 'slip', 'device_augment')
     assert len(out) == 4 and out[1] is text and all(out[i].dtype == torch.float32 for i in (0, 2, 3))
