@@ -277,8 +277,8 @@ class CLIP(nn.Module):
         return x @ self.text_projection  # [B, E]
 
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> Dict[str, torch.Tensor]:
-        return {'image_embed': self.encode_image(image), 'text_embed': self.encode_text(text),
-                'logit_scale': self.logit_scale.exp()}
+        text_embed = self.encode_text(text)  # first: its one host sync (caption lengths) then waits on little work
+        return {'image_embed': self.encode_image(image), 'text_embed': text_embed, 'logit_scale': self.logit_scale.exp()}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.transformer.grad_checkpointing = enable
@@ -319,9 +319,9 @@ class SLIP(CLIP):
 
     def forward(self, image: torch.Tensor, text: torch.Tensor, aug1: torch.Tensor,
                 aug2: torch.Tensor) -> Dict[str, torch.Tensor]:
-        h1, h2, h = _visual_features(self.visual, [aug1, aug2, image], self.fuse_views,
-                                     self.class_token_only)
-        return {'image_embed': h @ self.image_projection, 'text_embed': self.encode_text(text),
+        text_embed = self.encode_text(text)  # first: its one host sync (caption lengths) then waits on little work
+        h1, h2, h = _visual_features(self.visual, [aug1, aug2, image], self.fuse_views, self.class_token_only)
+        return {'image_embed': h @ self.image_projection, 'text_embed': text_embed,
                 'logit_scale': self.logit_scale.exp(),
                 'aug1_embed': self.image_mlp(h1), 'aug2_embed': self.image_mlp(h2)}
 
