@@ -190,6 +190,7 @@ def bench_data(args):
     baseline (zip reopened per sample, float views made in the worker), fast (what main.py runs: zips kept open,
     uint8 views) and, with --device-augment, fast+device_augment, whose batched colour/blur cost on --device is
     timed apart (``device_ms_per_sample``)."""
+    import augment
     import datasets
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a DataLoader worker: tiny tensor ops must not wait on a thread pool
@@ -225,7 +226,7 @@ def bench_data(args):
                 torch.set_num_threads(threads)
                 t = time.perf_counter()
                 for batch in batches:
-                    datasets.finish_views([x.to(device) for x in batch[:-1]], family, fmt)
+                    augment.finish_views([x.to(device) for x in batch[:-1]], family, fmt)
                 _sync(device)
                 finish[name].append(time.perf_counter() - t)
                 torch.set_num_threads(1)

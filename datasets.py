@@ -7,13 +7,13 @@ drawn in code). A sample is ``(image, text)`` for CLIP, ``(aug1, aug2)`` for Sim
 for SLIP, always followed by ``n_bad``: a 0-dim int64 count of the bad images skipped to produce it. Every random
 choice of sample i in epoch e comes from (seed, e, i), so a resumed run sees bitwise-identical data. Images are
 normalised float tensors, or (``args.image_format``, as main.py asks) uint8 views finished on the device by
-``finish_views``; with 'device_augment' the SimCLR colour jitter and blur also run there.
+``augment.finish_views``; with 'device_augment' the SimCLR colour jitter and blur also run there.
 
 Downstream datasets are described by ``dataset_catalog.json`` entries ``{"path", "type", "train", "test"}`` with type
 ``imagefolder``, ``filelist`` (``<split>_images.npy`` / ``<split>_labels.npy``), ``special`` (torchvision's
 CIFAR-10/100, STL-10 and MNIST, read from local files only) or ``demo`` (the generated demo set).
 
-References: SLIP ``datasets.py`` (formats, §3 of docs/SLIP_REFERENCE.md), SimCLR / MoCo v3 augmentations.
+References: SLIP ``datasets.py`` (formats, §3 of docs/SLIP_REFERENCE.md); the views are in augment.py.
 """
 import io
 import json
@@ -27,13 +27,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFile, ImageFilter
+from PIL import Image, ImageDraw, ImageFile
 
 import utils
+from augment import IMAGENET_MEAN, IMAGENET_STD, build_transforms  # noqa: F401 (the views; re-exported)
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated image is a bad sample: skipped and counted, never half-read
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 PRETRAIN_DATASETS = ('yfcc15m', 'cc3m', 'cc12m', 'coco', 'redcaps', 'wds', 'demo')
 MAX_BAD_RETRIES = 50  # consecutive bad replacements before a sample gives up (the data is then mostly missing)
 
@@ -176,160 +175,6 @@ def yfcc_loader(root: str, photo_id: int) -> Image.Image:
     s = f'{int(photo_id):08d}'
     archive, member = os.path.join(root, 'images', s[:2], s[2:5] + '.zip'), s[5:] + '.jpg'
     return load_image(lambda: io.BytesIO(_zip_read(archive, member)), f'{archive}:{member}')
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Transforms (SLIP_REFERENCE §3.2)
-# ----------------------------------------------------------------------------------------------------------------
-class GaussianBlur:
-    """PIL Gaussian blur with sigma drawn uniformly from ``sigma`` (SimCLR); draws from Python's ``random``."""
-
-    def __init__(self, sigma: Sequence[float] = (0.1, 2.0)):
-        self.sigma = sigma
-
-    def __call__(self, img: Image.Image) -> Image.Image:
-        return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(*self.sigma)))
-
-
-IMAGE_FORMATS = ('float', 'uint8', 'device_augment')
-
-
-class ToUint8:
-    """PIL image -> uint8 tensor [H, W, 3] (its own memory layout: no copy to channels-first in the worker);
-    finish_views turns a batch of them into ToTensor + Normalize's [B, 3, H, W] floats on the device."""
-
-    def __call__(self, img: Image.Image) -> torch.Tensor:
-        return torch.from_numpy(np.array(img.convert('RGB'), dtype=np.uint8))
-
-
-class CropFlipParams:
-    """SimCLR views for device_augment: crop and flip here, and draw the colour and blur parameters that
-    ``device_colour_blur`` applies on the device (same distributions as the PIL ops, other numerics)."""
-
-    def __init__(self, image_size: int):
-        import torchvision.transforms as T
-        self.crop = T.RandomResizedCrop(image_size, scale=(0.08, 1.0))
-
-    def __call__(self, img: Image.Image) -> Tuple[torch.Tensor, torch.Tensor]:
-        img = self.crop(img)
-        u = torch.rand(8)
-        if u[0] < 0.5:
-            img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        jitter = [float(u[1] < 0.8), *(0.6 + 0.8 * u[2:5]).tolist(), float(u[5] * 0.2 - 0.1)]  # on, b, c, s, hue
-        order = torch.randperm(4).float().tolist()  # brightness, contrast, saturation, hue in a random order
-        params = torch.tensor(jitter + order + [float(u[6] < 0.2), float(u[7] < 0.5), 0.1 + 1.9 * float(torch.rand(1))])
-        return ToUint8()(img), params  # params: [12] = (jitter on, 4 factors, 4 order, grayscale, blur, sigma)
-
-
-def build_transforms(image_size: int, image_format: str = 'float') -> Tuple[Callable, Callable, Callable]:
-    """Returns (clip_transform, ssl_augment, val_transform) at ``image_size`` px.
-
-    ``image_format`` 'float' gives ImageNet-normalised tensors (the original); 'uint8' the same views as uint8
-    [H, W, 3] tensors, normalised by ``finish_views`` on the device (bitwise the same result, a quarter of the bytes);
-    'device_augment' leaves the SimCLR colour jitter, grayscale and blur to ``finish_views`` (other numerics).
-    The val transform always gives floats.
-    """
-    import torchvision.transforms as T
-
-    if image_format not in IMAGE_FORMATS:
-        raise ValueError(f'image_format {image_format!r}: expected one of {IMAGE_FORMATS}')
-    finish = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)] if image_format == 'float' else [ToUint8()]
-    clip = T.Compose([T.RandomResizedCrop(image_size, scale=(0.5, 1.0)), *finish])
-    ssl = T.Compose([
-        T.RandomResizedCrop(image_size, scale=(0.08, 1.0)),  # crop first: the colour ops then touch few pixels
-        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-        T.RandomGrayscale(p=0.2),
-        T.RandomApply([GaussianBlur((0.1, 2.0))], p=0.5),
-        T.RandomHorizontalFlip(),
-        *finish])
-    if image_format == 'device_augment':
-        ssl = CropFlipParams(image_size)
-    val = T.Compose([T.Resize(image_size), T.CenterCrop(image_size), T.ToTensor(),
-                     T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-    return clip, ssl, val
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Finishing uint8 views on the device (main.py calls finish_views on every batch)
-# ----------------------------------------------------------------------------------------------------------------
-def _gray(x: torch.Tensor) -> torch.Tensor:
-    """ITU-R 601 luma of [B, 3, H, W] in [0, 1] -> [B, 1, H, W] (the weights PIL and torchvision use)."""
-    return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
-
-
-def _adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """Rotate the hue of [B, 3, H, W] in [0, 1] by ``shift`` [B] turns (through HSV, as PIL and torchvision do)."""
-    v, imax = x.max(dim=1)
-    c = v - x.min(dim=1).values  # chroma
-    safe_c = torch.where(c > 0, c, torch.ones_like(c))
-    r, g, b = x.unbind(1)
-    sector = torch.stack([(g - b) / safe_c, 2 + (b - r) / safe_c, 4 + (r - g) / safe_c], 1).gather(1, imax[:, None])
-    h = torch.where(c > 0, sector[:, 0] / 6, torch.zeros_like(c))
-    h = torch.remainder(h + shift[:, None, None], 1.0) * 6  # [0, 6)
-    s = torch.where(v > 0, c / torch.where(v > 0, v, torch.ones_like(v)), torch.zeros_like(v))
-    # back to RGB: channel n is v - v*s*clamp(min(k, 4 - k), 0, 1) with k = (n + h) mod 6, n = 5, 3, 1 for r, g, b
-    n = torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1)
-    k = torch.remainder(n + h[:, None], 6)
-    return v[:, None] - (v * s)[:, None] * torch.minimum(k, 4 - k).clamp(0, 1)
-
-
-def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
-    """Separable Gaussian blur with a per-image ``sigma`` [B] where ``on`` [B] (edges replicated, like PIL)."""
-    B, C, H, W = x.shape
-    radius = 6  # 3 sigma at the largest sigma, 2
-    t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
-    k = torch.exp(-t[None] ** 2 / (2 * sigma[:, None] ** 2))
-    k = k / k.sum(1, keepdim=True)
-    k = torch.where(on[:, None], k, (t == 0).to(x.dtype)[None])  # identity kernel where off
-    k = k.repeat_interleave(C, 0)  # [B*C, K]
-    y = x.reshape(1, B * C, H, W)
-    y = F.conv2d(F.pad(y, (radius, radius, 0, 0), mode='replicate'), k[:, None, None, :], groups=B * C)
-    y = F.conv2d(F.pad(y, (0, 0, radius, radius), mode='replicate'), k[:, None, :, None], groups=B * C)
-    return y.reshape(B, C, H, W)
-
-
-def device_colour_blur(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-    """SimCLR's colour jitter (0.4, 0.4, 0.4, 0.1; p=0.8, ops in a random order), grayscale (p=0.2) and Gaussian
-    blur (sigma 0.1-2, p=0.5) on a batch [B, 3, H, W] in [0, 1], with each image's parameters [B, 12] drawn by
-    CropFlipParams."""
-    on = params[:, 0] > 0.5
-    for position in range(4):
-        for op in range(4):
-            idx = torch.nonzero(on & (params[:, 5 + position] == op)).squeeze(1)
-            if idx.numel() == 0:
-                continue
-            y, f = x[idx], params[idx, 1 + op].view(-1, 1, 1, 1)
-            if op == 0:
-                y = (y * f).clamp(0, 1)
-            elif op == 1:
-                y = (f * y + (1 - f) * _gray(y).mean(dim=(1, 2, 3), keepdim=True)).clamp(0, 1)
-            elif op == 2:
-                y = (f * y + (1 - f) * _gray(y)).clamp(0, 1)
-            else:
-                y = _adjust_hue(y, f.view(-1))
-            x = x.index_copy(0, idx, y)
-    x = torch.where(params[:, 9].view(-1, 1, 1, 1) > 0.5, _gray(x).expand_as(x), x)
-    return _gaussian_blur(x, params[:, 11], params[:, 10] > 0.5)
-
-
-def finish_views(inputs: Sequence[torch.Tensor], family: str, image_format: str) -> List[torch.Tensor]:
-    """Turn a batch's uint8 views (on the device) into the model's inputs: ``/255`` and ImageNet normalisation,
-    bitwise what ToTensor and Normalize give in a worker; for 'device_augment', the SimCLR colour and blur first.
-    ``inputs`` is the batch without ``n_bad``; for 'device_augment' SimCLR/SLIP batches end with params [B, 2, 12]."""
-    if image_format == 'float':
-        return list(inputs)
-    inputs = list(inputs)
-    params = inputs.pop() if image_format == 'device_augment' and family != 'clip' else None
-    images = {'clip': [0], 'simclr': [0, 1], 'slip': [0, 2, 3]}[family]
-    ssl = {'clip': [], 'simclr': [0, 1], 'slip': [2, 3]}[family]
-    mean = torch.tensor(IMAGENET_MEAN, device=inputs[0].device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=inputs[0].device).view(1, 3, 1, 1)
-    for i in images:
-        x = inputs[i].permute(0, 3, 1, 2).contiguous().float().div(255)  # [B, H, W, 3] uint8 -> [B, 3, H, W]
-        if params is not None and i in ssl:
-            x = device_colour_blur(x, params[:, ssl.index(i)])
-        inputs[i] = x.sub_(mean).div_(std)
-    return inputs
 
 
 @contextmanager

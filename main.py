@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+import augment
 import datasets
 import losses
 import models
@@ -345,7 +346,7 @@ def train_one_epoch(loader, model, criterion, optimizer, scaler, schedule, epoch
             group['lr'] = float(schedule[iters_per_epoch * epoch + step])
         *inputs, n_bad = batch
         counts[:2] += torch.tensor([float(n_bad.sum()), len(n_bad)], dtype=torch.float64)
-        inputs = datasets.finish_views([t.to(device, non_blocking=True) for t in inputs], family, args.image_format)
+        inputs = augment.finish_views([t.to(device, non_blocking=True) for t in inputs], family, args.image_format)
         last_micro = (micro + 1) % args.update_freq == 0
         sync = model.no_sync() if args.distributed and not last_micro and hasattr(model, 'no_sync') else nullcontext()
         with sync:

@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import pathlib
-import time
 from collections import defaultdict
 from contextlib import nullcontext
 from typing import Any, Dict, Iterable, List, Optional, Sequence

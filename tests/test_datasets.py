@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+import augment
 import datasets
 import models
 import utils
@@ -249,48 +250,9 @@ def test_uint8_views_finished_on_device_equal_float_views_bitwise(tmp_path, toke
         *views, _ = next(iter(torch.utils.data.DataLoader(ds, batch_size=3)))
         batches[fmt] = views
     assert any(v.dtype == torch.uint8 for v in batches['uint8'])
-    finished = datasets.finish_views(batches['uint8'], family, 'uint8')
+    finished = augment.finish_views(batches['uint8'], family, 'uint8')
     assert len(finished) == len(batches['float'])
     assert all(torch.equal(a, b) for a, b in zip(finished, batches['float'], strict=True))
-
-
-def test_device_augment_views_params_and_ops(tmp_path, tokenizer):
-    meta, _, _ = _coco(tmp_path)
-    ds = datasets.get_train_dataset(_args(dataset='coco', root=str(tmp_path), metadata=meta, model='SLIP_TINY',
-                                          image_format='device_augment'), tokenizer)
-    ds.set_epoch(1)
-    image, text, aug1, aug2, params, n_bad = next(iter(torch.utils.data.DataLoader(ds, batch_size=3)))
-    assert image.dtype == aug1.dtype == torch.uint8 and aug2.shape == (len(ds), 64, 64, 3) and params.shape == (len(ds), 2, 12)
-    assert all(torch.equal(a, b) for a, b in zip(ds[0], ds[0]))  # fixed by (seed, epoch, index)
-    out = datasets.finish_views([image, text, aug1, aug2, params], 'slip', 'device_augment')
-    assert len(out) == 4 and out[1] is text and all(out[i].dtype == torch.float32 for i in (0, 2, 3))
-    # the parameters follow SimCLR's distributions (over many draws)
-    crop = datasets.CropFlipParams(64)
-    img = Image.new('RGB', (80, 60), (120, 60, 30))
-    p = torch.stack([crop(img)[1] for _ in range(400)])
-    assert 0.7 < p[:, 0].mean() < 0.9 and 0.1 < p[:, 9].mean() < 0.3 and 0.4 < p[:, 10].mean() < 0.6
-    assert p[:, 1:4].min() >= 0.6 and p[:, 1:4].max() <= 1.4 and p[:, 4].abs().max() <= 0.1
-    assert (p[:, 5:9].sort(1).values == torch.arange(4.)).all() and p[:, 11].min() >= 0.1 and p[:, 11].max() <= 2
-    # each op against torchvision's tensor implementation
-    import torchvision.transforms.v2.functional as TF
-    torch.manual_seed(0)
-    x = torch.rand(4, 3, 16, 16)
-    for shift in (-0.1, 0.0, 0.07):
-        ref = torch.stack([TF.adjust_hue(xi, shift) for xi in x])
-        torch.testing.assert_close(datasets._adjust_hue(x, torch.full((4,), shift)), ref, atol=1e-5, rtol=0)
-    q = torch.zeros(4, 12)
-    q[:, 1:5] = torch.tensor([1.0, 1.0, 1.0, 0.0])
-    q[:, 5:9] = torch.tensor([3.0, 1.0, 0.0, 2.0])
-    assert torch.equal(datasets.device_colour_blur(x, q), x)  # everything off: unchanged
-    q[:, 0], q[:, 1], q[:, 3] = 1, 1.3, 0.7  # brightness 1.3, then saturation 0.7 (order: hue, contrast, b, s)
-    ref = torch.stack([TF.adjust_saturation(TF.adjust_brightness(xi, 1.3), 0.7) for xi in x])
-    torch.testing.assert_close(datasets.device_colour_blur(x, q), ref, atol=2e-3, rtol=0)  # luma weights differ
-    q[:, 0], q[:, 10], q[:, 11] = 0, 1, 1.5
-    ref = torch.stack([TF.gaussian_blur(xi, [13, 13], [1.5, 1.5]) for xi in x])
-    torch.testing.assert_close(datasets.device_colour_blur(x, q)[..., 6:-6, 6:-6], ref[..., 6:-6, 6:-6])
-    q[:, 10], q[:, 9] = 0, 1
-    gray = datasets.device_colour_blur(x, q)
-    assert torch.equal(gray[:, 0], gray[:, 1]) and torch.equal(gray[:, 1], gray[:, 2])
 
 
 def test_missing_and_truncated_images_are_replaced_and_counted(tmp_path, monkeypatch):

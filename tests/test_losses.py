@@ -1,5 +1,4 @@
 """Losses against naive per-sample reference formulas written here, values and gradients (single process)."""
-import math
 
 import pytest
 import torch

@@ -1,0 +1,85 @@
+"""augment.py: the views handed over as uint8 and finished on the device, and --device-augment's batched ops."""
+import argparse
+import io
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+import augment
+import datasets
+import utils
+
+
+@pytest.fixture(scope='module')
+def tokenizer():
+    return utils.Tokenizer()
+
+
+def _coco(tmp_path, n=3):
+    """A COCO-format pre-training set of n small JPEGs."""
+    import json
+    os.makedirs(tmp_path / 'train2017', exist_ok=True)
+    anns = []
+    for i in range(n):
+        buf = io.BytesIO()
+        Image.new('RGB', (80, 60), (40 * i + 20, 200 - 30 * i, 90)).save(buf, format='JPEG')
+        (tmp_path / 'train2017' / f'{i:012d}.jpg').write_bytes(buf.getvalue())
+        anns.append({'image_id': i, 'caption': f'photo {i} of something'})
+    meta = tmp_path / 'captions_train2017.json'
+    meta.write_text(json.dumps({'annotations': anns}))
+    return str(meta)
+
+
+def _args(**kw):
+    base = dict(dataset='coco', root='', metadata='', model='SLIP_TINY', seed=0, demo_samples=64,
+                train_num_samples=None, max_bad_fraction=0.1)
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def test_device_augment_views_params_and_ops(tmp_path, tokenizer):
+    meta = _coco(tmp_path)
+    ds = datasets.get_train_dataset(_args(root=str(tmp_path), metadata=meta, image_format='device_augment'),
+                                    tokenizer)
+    ds.set_epoch(1)
+    image, text, aug1, aug2, params, n_bad = next(iter(torch.utils.data.DataLoader(ds, batch_size=3)))
+    assert image.dtype == aug1.dtype == torch.uint8 and aug2.shape == (len(ds), 64, 64, 3)
+    assert params.shape == (len(ds), 2, 12)
+    assert all(torch.equal(a, b) for a, b in zip(ds[0], ds[0]))  # fixed by (seed, epoch, index)
+    out = augment.finish_views([image, text, aug1, aug2, params], 'slip', 'device_augment')
+    assert len(out) == 4 and out[1] is text and all(out[i].dtype == torch.float32 for i in (0, 2, 3))
+
+
+def test_crop_flip_params_follow_simclr_distributions():
+    crop = augment.CropFlipParams(64)
+    img = Image.new('RGB', (80, 60), (120, 60, 30))
+    p = torch.stack([crop(img)[1] for _ in range(400)])
+    assert 0.7 < p[:, 0].mean() < 0.9 and 0.1 < p[:, 9].mean() < 0.3 and 0.4 < p[:, 10].mean() < 0.6
+    assert p[:, 1:4].min() >= 0.6 and p[:, 1:4].max() <= 1.4 and p[:, 4].abs().max() <= 0.1
+    assert (p[:, 5:9].sort(1).values == torch.arange(4.)).all() and p[:, 11].min() >= 0.1 and p[:, 11].max() <= 2
+
+
+def test_device_ops_match_torchvision():
+    import torchvision.transforms.v2.functional as TF
+    torch.manual_seed(0)
+    x = torch.rand(4, 3, 16, 16)
+    for shift in (-0.1, 0.0, 0.07):
+        ref = torch.stack([TF.adjust_hue(xi, shift) for xi in x])
+        torch.testing.assert_close(augment._adjust_hue(x, torch.full((4,), shift)), ref, atol=1e-5, rtol=0)
+    q = torch.zeros(4, 12)
+    q[:, 1:5] = torch.tensor([1.0, 1.0, 1.0, 0.0])
+    q[:, 5:9] = torch.tensor([3.0, 1.0, 0.0, 2.0])
+    assert torch.equal(augment.device_colour_blur(x, q), x)  # everything off: unchanged
+    q[:, 0], q[:, 1], q[:, 3] = 1, 1.3, 0.7  # brightness 1.3, then saturation 0.7 (order: hue, contrast, b, s)
+    ref = torch.stack([TF.adjust_saturation(TF.adjust_brightness(xi, 1.3), 0.7) for xi in x])
+    torch.testing.assert_close(augment.device_colour_blur(x, q), ref, atol=2e-3, rtol=0)  # luma weights differ
+    q[:, 0], q[:, 10], q[:, 11] = 0, 1, 1.5
+    ref = torch.stack([TF.gaussian_blur(xi, [13, 13], [1.5, 1.5]) for xi in x])
+    torch.testing.assert_close(augment.device_colour_blur(x, q)[..., 6:-6, 6:-6], ref[..., 6:-6, 6:-6])
+    q[:, 10], q[:, 9] = 0, 1
+    gray = augment.device_colour_blur(x, q)
+    assert torch.equal(gray[:, 0], gray[:, 1]) and torch.equal(gray[:, 1], gray[:, 2])
+
+
