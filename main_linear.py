@@ -132,7 +132,7 @@ def feature_dim(backbone: nn.Module) -> int:
 
 def backbone_features(backbone, images, device, precision: str) -> torch.Tensor:
     with torch.no_grad(), utils.autocast(precision, device):
-        return backbone(images).float()  # [B, D]
+        return models.visual_forward(backbone, images).float()  # [B, D]; class-token-only last block
 
 
 def extract_features(backbone, dataset, args, device):

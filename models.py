@@ -203,7 +203,8 @@ def vit_class_token_features(visual: nn.Module, x: torch.Tensor) -> torch.Tensor
     return visual.forward_head(visual.norm(x))  # [B, C]
 
 
-def _visual(visual: nn.Module, x: torch.Tensor, class_token_only: bool) -> torch.Tensor:
+def visual_forward(visual: nn.Module, x: torch.Tensor, class_token_only: bool = True) -> torch.Tensor:
+    """``visual(x)``, through the class-token-only last block where the tower allows it."""
     if class_token_only and _class_token_only_ok(visual):
         return vit_class_token_features(visual, x)
     return visual(x)
@@ -212,8 +213,8 @@ def _visual(visual: nn.Module, x: torch.Tensor, class_token_only: bool) -> torch
 def _visual_features(visual: nn.Module, views, fuse: bool, class_token_only: bool = False):
     """Backbone features of several image views, in one batched pass when allowed and shapes agree."""
     if fuse and len(views) > 1 and all(v.shape == views[0].shape for v in views):
-        return _visual(visual, torch.cat(views), class_token_only).chunk(len(views))  # [V*B, C] -> V x [B, C]
-    return [_visual(visual, v, class_token_only) for v in views]
+        return visual_forward(visual, torch.cat(views), class_token_only).chunk(len(views))  # [V*B, C] -> V x [B, C]
+    return [visual_forward(visual, v, class_token_only) for v in views]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -259,7 +260,7 @@ class CLIP(nn.Module):
         nn.init.normal_(self.text_projection, std=width ** -0.5)
 
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
-        return _visual(self.visual, image, self.class_token_only) @ self.image_projection  # [B, E]
+        return visual_forward(self.visual, image, self.class_token_only) @ self.image_projection  # [B, E]
 
     def encode_text(self, text: torch.Tensor) -> torch.Tensor:
         eot = text.argmax(dim=-1)  # [B] end-of-text has the largest id
@@ -299,7 +300,7 @@ class SIMCLR(nn.Module):
         self.class_token_only = True  # the ViT's last block computes the class token alone
 
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
-        return _visual(self.visual, image, self.class_token_only)
+        return visual_forward(self.visual, image, self.class_token_only)
 
     def forward(self, aug1: torch.Tensor, aug2: torch.Tensor) -> Dict[str, torch.Tensor]:
         h1, h2 = _visual_features(self.visual, [aug1, aug2], self.fuse_views, self.class_token_only)
