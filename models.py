@@ -74,36 +74,38 @@ class CausalSelfAttention(nn.Module):
         """x: [B, L, D]; or packed captions [T, D] with ``packing`` = (flat, B, L), where ``flat`` [T] holds each
         token's place in the padded [B * L] grid. The projections then run on the T real tokens only; attention runs
         padded (each caption is a prefix of its row, so under the causal mask the zero padding is never attended).
-        With ``rows`` [B] (packed input only: each caption's last token), only those queries are computed."""
+        With ``rows`` [B] (packed input only: each caption's last token), only those queries are computed: [B, D]."""
         D = self.in_proj_weight.shape[1]
-        if rows is None:
-            qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # [..., 3D]
-        else:  # keys and values of every token, the query of each caption's last token
-            q_last = F.linear(x[rows], self.in_proj_weight[:D], self.in_proj_bias[:D])  # [B, D]
-            qkv = torch.cat([torch.zeros_like(x), F.linear(x, self.in_proj_weight[D:], self.in_proj_bias[D:])], 1)
+        w, b = (self.in_proj_weight, self.in_proj_bias) if rows is None else \
+            (self.in_proj_weight[D:], self.in_proj_bias[D:])  # keys and values only: the queries come from `rows`
+        qkv = F.linear(x, w, b)  # [..., 3D or 2D]
         if packing is not None:
             flat, B, L = packing
-            qkv = qkv.new_zeros(B * L, 3 * D).index_copy(0, flat, qkv)
+            qkv = qkv.new_zeros(B * L, qkv.shape[-1]).index_copy(0, flat, qkv)
         else:
             B, L = x.shape[:2]
-        q, k, v = qkv.view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x [B, H, L, D/H]
-        if rows is not None:
-            q = q_last.view(B, 1, self.heads, D // self.heads).transpose(1, 2)  # [B, H, 1, D/H]
+        heads = qkv.view(B, L, -1, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # [3 or 2, B, H, L, D/H]
+        mask = None  # causal
+        if rows is None:
+            q, k, v = heads
+        else:
+            k, v = heads
+            q = F.linear(x[rows], self.in_proj_weight[:D], self.in_proj_bias[:D]).view(B, 1, self.heads, -1)
+            q = q.transpose(1, 2)  # [B, H, 1, D/H]
             keep = torch.arange(L, device=x.device) <= (flat[rows] % L)[:, None]  # keys up to the query's position
             mask = torch.zeros(B, 1, 1, L, device=x.device, dtype=q.dtype).masked_fill(~keep[:, None, None], -math.inf)
-        else:
-            mask = torch.full((L, L), -math.inf, device=x.device, dtype=q.dtype).triu(1)
         if self.fused:
-            x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask if rows is not None else None,
-                                               is_causal=rows is None)
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         else:
+            if mask is None:
+                mask = torch.full((L, L), -math.inf, device=x.device, dtype=q.dtype).triu(1)
             attn = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5) + mask  # [B, H, L or 1, L]
             x = attn.softmax(dim=-1).to(v.dtype) @ v
+        x = x.transpose(1, 2).reshape(B, -1, D)  # [B, L or 1, D]
         if rows is not None:
-            return self.out_proj(x.reshape(B, D))  # [B, D]
-        x = x.transpose(1, 2).reshape(B, L, D)
-        if packing is not None:
-            x = x.view(B * L, D).index_select(0, flat)  # back to [T, D]
+            x = x[:, 0]
+        elif packing is not None:
+            x = x.reshape(B * L, D).index_select(0, flat)  # back to [T, D]
         return self.out_proj(x)
 
 
