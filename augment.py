@@ -1,4 +1,8 @@
-"""The image views of pre-training (SLIP_REFERENCE §3.2), and how a batch of them is finished on the device.
+"""The image views of pre-training, the batch that carries them, and how it is finished on the device.
+
+``Batch`` is the one container of a sample's or a batch's inputs (views, tokens, --device-augment parameters, the
+bad-image count): workers make it, ``Batch.collate`` stacks it, ``finish_views`` completes it on the device and the
+models' ``forward`` takes it.
 
 ``build_transforms(size, image_format)`` gives the CLIP view, the SimCLR augmentation and the evaluation transform:
   * 'float': ImageNet-normalised float tensors made in the worker (the original);
@@ -11,8 +15,10 @@
 
 References: SimCLR (Chen et al., arXiv 2002.05709) and MoCo v3 (arXiv 2104.02057) augmentations; HSV as in PIL.
 """
+import dataclasses
 import random
-from typing import Callable, List, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Callable, ClassVar, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -33,6 +39,59 @@ class GaussianBlur:
 
 
 IMAGE_FORMATS = ('float', 'uint8', 'device_augment')
+
+
+@dataclass
+class Batch:
+    """The inputs of one pre-training sample (made by a worker) or of a batch of them (``collate``).
+
+    Which fields are set depends on the model family: CLIP ``image, text``; SimCLR ``aug1, aug2``; SLIP all four.
+    ``image`` is the CLIP view, ``aug1``/``aug2`` the two SimCLR views: float [3, H, W] (normalised), or uint8
+    [H, W, 3] that ``finish_views`` normalises on the device; ``text`` the token ids [77]; ``aug_params``
+    --device-augment's colour and blur parameters [2, 12] of (aug1, aug2); ``n_bad`` the number of bad images
+    skipped to make this sample (0-dim int64). Batched, every field gains a leading batch dimension.
+    """
+    VIEWS: ClassVar[Tuple[str, ...]] = ('image', 'aug1', 'aug2')
+
+    image: Optional[torch.Tensor] = None
+    text: Optional[torch.Tensor] = None
+    aug1: Optional[torch.Tensor] = None
+    aug2: Optional[torch.Tensor] = None
+    aug_params: Optional[torch.Tensor] = None
+    n_bad: Optional[torch.Tensor] = None
+
+    def tensors(self) -> Dict[str, torch.Tensor]:
+        """The fields that are set, by name."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
+
+    def apply(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> 'Batch':
+        return dataclasses.replace(self, **{k: fn(v) for k, v in self.tensors().items()})
+
+    def to(self, device, non_blocking: bool = False) -> 'Batch':
+        return self.apply(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> 'Batch':  # called by the DataLoader's pin-memory thread
+        return self.apply(lambda t: t.pin_memory())
+
+    def __len__(self) -> int:
+        return len(next(v for k, v in self.tensors().items() if k != 'n_bad'))
+
+    def chunk(self, k: int) -> List['Batch']:
+        """Split into ``k`` micro-batches of equal size along the batch dimension."""
+        if len(self) % k:
+            raise ValueError(f'a batch of {len(self)} does not split into {k} equal micro-batches')
+        parts = {name: t.chunk(k) for name, t in self.tensors().items()}
+        return [Batch(**{name: p[i] for name, p in parts.items()}) for i in range(k)]
+
+    @staticmethod
+    def collate(samples: Sequence['Batch']) -> 'Batch':
+        """The DataLoader's collate_fn: stack every field of the samples."""
+        first = samples[0].tensors()
+        return Batch(**{k: torch.stack([getattr(s, k) for s in samples]) for k in first})
+
+    @staticmethod
+    def cat(batches: Sequence['Batch']) -> 'Batch':
+        return Batch(**{k: torch.cat([getattr(b, k) for b in batches]) for k in batches[0].tensors()})
 
 
 class ToUint8:
@@ -153,21 +212,19 @@ def device_colour_blur(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     return _gaussian_blur(x, params[:, 11], params[:, 10] > 0.5)
 
 
-def finish_views(inputs: Sequence[torch.Tensor], family: str, image_format: str) -> List[torch.Tensor]:
+def finish_views(batch: 'Batch') -> 'Batch':
     """Turn a batch's uint8 views (on the device) into the model's inputs: ``/255`` and ImageNet normalisation,
-    bitwise what ToTensor and Normalize give in a worker; for 'device_augment', the SimCLR colour and blur first.
-    ``inputs`` is the batch without ``n_bad``; for 'device_augment' SimCLR/SLIP batches end with params [B, 2, 12]."""
-    if image_format == 'float':
-        return list(inputs)
-    inputs = list(inputs)
-    params = inputs.pop() if image_format == 'device_augment' and family != 'clip' else None
-    images = {'clip': [0], 'simclr': [0, 1], 'slip': [0, 2, 3]}[family]
-    ssl = {'clip': [], 'simclr': [0, 1], 'slip': [2, 3]}[family]
-    mean = torch.tensor(IMAGENET_MEAN, device=inputs[0].device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=inputs[0].device).view(1, 3, 1, 1)
-    for i in images:
-        x = inputs[i].permute(0, 3, 1, 2).contiguous().float().div(255)  # [B, H, W, 3] uint8 -> [B, 3, H, W]
-        if params is not None and i in ssl:
-            x = device_colour_blur(x, params[:, ssl.index(i)])
-        inputs[i] = x.sub_(mean).div_(std)
-    return inputs
+    bitwise what ToTensor and Normalize give in a worker; with ``aug_params`` (--device-augment), the SimCLR colour
+    jitter, grayscale and blur first. Float views (made in the worker) are left as they are."""
+    done = {'aug_params': None}
+    for name in Batch.VIEWS:
+        x = getattr(batch, name)
+        if x is None or x.dtype != torch.uint8:
+            continue
+        x = x.permute(0, 3, 1, 2).contiguous().float().div(255)  # [B, H, W, 3] uint8 -> [B, 3, H, W]
+        if batch.aug_params is not None and name != 'image':
+            x = device_colour_blur(x, batch.aug_params[:, Batch.VIEWS.index(name) - 1])
+        mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+        done[name] = x.sub_(mean).div_(std)
+    return dataclasses.replace(batch, **done)

@@ -1,13 +1,15 @@
 """Benchmarks: one training step, and the input pipeline alone. Fast paths vs the original's computation.
 
-Training step (forward, loss, backward, AdamW) on synthetic inputs, captions of 8-30 tokens:
+Training step (main.py's engine: forward, loss, backward, AdamW) on synthetic inputs, captions of 8-30 tokens:
     python bench.py train --model SLIP_VITS16 --batch-size 8 --precision amp_bf16 --device cpu --steps 5 --compare
+Exact accumulation (4 micro-batches of 8) against one batch of 32, time per sample and peak memory of each:
+    python bench.py train --model SLIP_VITS16 --batch-size 8 --update-freq 4 --compare-accum --precision fp32
 Input pipeline (read, decode, all views, tokenize) in one process, on YFCC-layout zips made here if missing:
     python bench.py data --dataset yfcc15m --root /tmp/yfcc_bench --metadata /tmp/yfcc_bench/yfcc.pkl \
         --model SLIP_VITS16 --workers 0 --num-samples 300 --make-fixture --compare
 
-`--baseline` turns every fast path off (separate view passes, full 77-token text, a full last ViT block, unfused
-attention, per-tensor AdamW; a zip archive reopened per sample, float views made in the worker); `--compare` runs
+`--baseline` turns the model's fast paths off (separate view passes, full 77-token text, a full last ViT block,
+unfused attention; in `data`, a zip archive reopened per sample and float views made in the worker); `--compare` runs
 both in one process, interleaved, and prints the ratio. `data --device-augment` adds main.py's --device-augment.
 Each configuration prints a table row and one JSON line (`samples_per_s`, `step_s_median`, ...).
 """
@@ -22,7 +24,7 @@ import time
 import numpy as np
 import torch
 
-import losses
+import augment
 import models
 import utils
 
@@ -42,6 +44,10 @@ def get_args_parser():
     p.add_argument('--baseline', action='store_true', help='every fast path off')
     p.add_argument('--compare', action='store_true', help='baseline and fast paths side by side, interleaved')
     p.add_argument('--compile', action='store_true', help='torch.compile the model (fast configuration)')
+    p.add_argument('--update-freq', default=1, type=int, help='micro-batches per optimizer step (main.py\'s flag)')
+    p.add_argument('--legacy-update-freq', action='store_true', help='the original\'s per-micro-batch accumulation')
+    p.add_argument('--compare-accum', action='store_true',
+                   help='--update-freq K micro-batches of --batch-size B against one batch of K x B, interleaved')
     p.add_argument('--grad-checkpointing', action='store_true')
     p.add_argument('--peak-tflops', default=None, type=float, help='bf16 peak for MFU (default: by GPU name)')
     p.add_argument('--dataset', default='yfcc15m')
@@ -60,65 +66,111 @@ def get_args_parser():
 # ----------------------------------------------------------------------------------------------------------------
 # Training step
 # ----------------------------------------------------------------------------------------------------------------
-def synthetic_batch(spec, batch_size, device, seed=0):
+def synthetic_batch(spec, batch_size, device, seed=0) -> augment.Batch:
+    """Random views and captions of 8-30 word pieces (typical alt-text lengths), as the family needs them."""
     g = torch.Generator().manual_seed(seed)
     size = spec.image_size
-    views = [torch.randn(batch_size, 3, size, size, generator=g).to(device) for _ in range(3)]
+    views = [torch.randn(batch_size, 3, size, size, generator=g) for _ in range(3)]
     text = torch.zeros(batch_size, 77, dtype=torch.long)
-    for i in range(batch_size):  # start, 8-30 word-piece ids, end: typical alt-text lengths
+    for i in range(batch_size):  # start, 8-30 word-piece ids, end
         n = int(torch.randint(8, 31, (1,), generator=g))
         text[i, 0], text[i, n + 1] = 49406, 49407
         text[i, 1:n + 1] = torch.randint(300, 40000, (n,), generator=g)
-    text = text.to(device)
-    return {'clip': (views[0], text), 'simclr': (views[1], views[2]), 'slip': (views[0], text, views[1], views[2])}[
-        spec.family]
+    batch = augment.Batch(n_bad=torch.zeros(batch_size, dtype=torch.int64))
+    if spec.has_text:
+        batch.image, batch.text = views[0], text
+    if spec.has_ssl:
+        batch.aug1, batch.aug2 = views[1], views[2]
+    return batch.to(device)
 
 
 class TrainStep:
-    """One configuration: a model, its optimizer and a step function."""
+    """One configuration: a model and main.py's training engine over it (same optimizer, same step).
 
-    def __init__(self, args, device, baseline):
+    ``batch_size`` samples per micro-batch and ``update_freq`` micro-batches per optimizer step; ``baseline`` turns
+    the model's exact shortcuts off (models.set_fast_paths).
+    """
+
+    def __init__(self, args, device, baseline, batch_size=None, update_freq=None, name=None):
+        import main
         torch.manual_seed(args.seed)
-        self.name = 'baseline' if baseline else 'fast' + ('+compile' if args.compile else '')
+        self.batch_size = batch_size or args.batch_size
+        self.update_freq = update_freq or args.update_freq
+        accum = f' {self.update_freq}x{self.batch_size}' if args.compare_accum else ''
+        self.name = name or ('baseline' if baseline else 'fast' + ('+compile' if args.compile else '')) + accum
         self.spec = models.get_spec(args.model)
         self.model = models.create_model(args.model).to(device)
         models.set_fast_paths(self.model, not baseline)
         if args.grad_checkpointing:
             self.model.set_grad_checkpointing(True)
-        self.criterion = losses.get_loss(args.model)
-        decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2]
-        no_decay = [p for n, p in self.model.named_parameters() if p.ndim < 2]
-        groups = [{'params': decay, 'weight_decay': 0.1}, {'params': no_decay, 'weight_decay': 0.0}]
-        impl = {'foreach': False} if baseline else {'fused': True}
-        self.optimizer = torch.optim.AdamW(groups, lr=1e-4, **impl)
-        self.forward = torch.compile(self.model) if args.compile and not baseline else self.model
-        self.precision, self.device = args.precision, device
-        self.inputs = synthetic_batch(self.spec, args.batch_size, device, args.seed)
-        self.times, self.flops = [], None
+        train_args = main.get_args_parser().parse_args(['--model', args.model])  # main.py's defaults: lr, wd, ...
+        train_args.update_freq, train_args.legacy_update_freq = self.update_freq, args.legacy_update_freq
+        train_args.precision, train_args.distributed = args.precision, False
+        train_args.compile = args.compile and not baseline
+        self.engine = main.build_engine(self.model, train_args, device)
+        self.engine.train()
+        self.device = device
+        data = synthetic_batch(self.spec, self.batch_size * self.update_freq, device, args.seed)
+        self.micro_batches = data.chunk(self.update_freq)
+        self.times, self.flops, self.peak_rss_gb, self.step_rss_gb = [], None, 0.0, 0.0
+
+    @property
+    def samples(self) -> int:
+        return self.batch_size * self.update_freq
 
     def step(self):
-        with utils.autocast(self.precision, self.device):
-            loss = self.criterion(self.forward(*self.inputs))['loss']
-        loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.engine.step(self.micro_batches)
 
     def timed_step(self):
         _sync(self.device)
-        t = time.perf_counter()
-        self.step()
-        _sync(self.device)
-        self.times.append(time.perf_counter() - t)
+        with _PeakRSS() as rss:
+            t = time.perf_counter()
+            self.step()
+            _sync(self.device)
+            self.times.append(time.perf_counter() - t)
+        self.peak_rss_gb = max(self.peak_rss_gb, rss.peak_gb)
+        self.step_rss_gb = max(self.step_rss_gb, rss.peak_gb - rss.start_gb)  # what the step itself adds
 
     def count_flops(self):
         from torch.utils.flop_counter import FlopCounterMode
+        net, self.engine.net = self.engine.net, self.engine.eager  # count the FLOPs of the uncompiled step
         counter = FlopCounterMode(display=False)
         with counter:
-            with utils.autocast(self.precision, self.device):
-                loss = self.criterion(self.model(*self.inputs))['loss']
-            loss.backward()
-        self.optimizer.zero_grad(set_to_none=True)
+            self.engine.forward_backward(self.micro_batches)
+        self.engine.net = net
+        self.engine.optimizer.zero_grad(set_to_none=True)
         self.flops = counter.get_total_flops()
+
+
+class _PeakRSS:
+    """The process's peak resident memory while the block runs (polled every 2 ms from /proc; 0 elsewhere), and
+    what it was at the start."""
+
+    def __enter__(self):
+        import threading
+        self.peak_gb, self._stop = 0.0, threading.Event()
+        self.start_gb = self._read()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    @staticmethod
+    def _read() -> float:
+        try:
+            with open('/proc/self/statm') as f:
+                return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2 ** 30
+        except (OSError, ValueError, AttributeError):
+            return 0.0
+
+    def _poll(self):
+        while True:
+            self.peak_gb = max(self.peak_gb, self._read())
+            if self._stop.wait(0.002):
+                return
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
 
 
 def _sync(device):
@@ -136,13 +188,21 @@ def _peak_tflops(args, device):
 
 
 def bench_train(args, device):
-    configs = [TrainStep(args, device, True), TrainStep(args, device, False)] if args.compare else \
-        [TrainStep(args, device, args.baseline)]
+    if args.compare_accum:  # K micro-batches of B, exact accumulation, against one batch of K x B
+        big = args.batch_size * args.update_freq
+        configs = [TrainStep(args, device, args.baseline, args.batch_size, args.update_freq),
+                   TrainStep(args, device, args.baseline, big, 1, name=f'batch {big}')]
+    elif args.compare:
+        configs = [TrainStep(args, device, True), TrainStep(args, device, False)]
+    else:
+        configs = [TrainStep(args, device, args.baseline)]
     for c in configs:
         if args.count_flops or device.type == 'cuda':
             c.count_flops()  # the FLOPs this configuration really executes (on the uncompiled model)
         for _ in range(args.warmup):
             c.step()  # warm-up (and compilation)
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
     for _ in range(args.steps):  # interleaved, so a noisy neighbour hits every configuration alike
         for c in configs:
             c.timed_step()
@@ -150,14 +210,13 @@ def bench_train(args, device):
     rows = []
     for c in configs:
         med = statistics.median(c.times)
-        row = {'mode': 'train', 'model': args.model, 'config': c.name, 'batch_size': args.batch_size,
-               'precision': args.precision, 'device': str(device), 'step_s_median': med,
-               'samples_per_s': args.batch_size / med, 'gflops_per_step': c.flops / 1e9 if c.flops else None,
-               'peak_memory_gb': utils.peak_memory_gb(device),
+        row = {'mode': 'train', 'model': args.model, 'config': c.name, 'batch_size': c.batch_size,
+               'update_freq': c.update_freq, 'precision': args.precision, 'device': str(device),
+               'step_s_median': med, 'samples_per_s': c.samples / med, 'ms_per_sample': med / c.samples * 1e3,
+               'gflops_per_step': c.flops / 1e9 if c.flops else None,
+               'peak_rss_gb': c.peak_rss_gb, 'step_rss_gb': c.step_rss_gb, 'peak_memory_gb': utils.peak_memory_gb(device),
                'mfu': (c.flops / med / (peak * 1e12)) if peak and c.flops else None}
         rows.append(row)
-    if device.type == 'cuda':  # per-configuration peak memory needs separate processes; report the process peak
-        torch.cuda.reset_peak_memory_stats(device)
     return rows
 
 
@@ -190,7 +249,6 @@ def bench_data(args):
     baseline (zip reopened per sample, float views made in the worker), fast (what main.py runs: zips kept open,
     uint8 views) and, with --device-augment, fast+device_augment, whose batched colour/blur cost on --device is
     timed apart (``device_ms_per_sample``)."""
-    import augment
     import datasets
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a DataLoader worker: tiny tensor ops must not wait on a thread pool
@@ -206,7 +264,6 @@ def bench_data(args):
         args.image_format = fmt
         sets[name] = datasets.get_train_dataset(args, utils.Tokenizer())
         sets[name].set_epoch(0)
-    family = models.get_spec(args.model).family
     device = utils.resolve_device(args.device) if args.device_augment else None
     n = min(args.num_samples, len(sets[configs[0][0]]))
     times = {c[0]: [] for c in configs}
@@ -216,6 +273,7 @@ def bench_data(args):
             datasets.ZIP_KEEP_OPEN = keep_open
             datasets._zip_caches.clear()
             loader = torch.utils.data.DataLoader(sets[name], batch_size=16, num_workers=args.workers,
+                                                 collate_fn=augment.Batch.collate,
                                                  sampler=[(rep * 7 + i) % len(sets[name]) for i in range(n)])
             t, batches = time.perf_counter(), []
             for batch in loader:
@@ -226,7 +284,7 @@ def bench_data(args):
                 torch.set_num_threads(threads)
                 t = time.perf_counter()
                 for batch in batches:
-                    augment.finish_views([x.to(device) for x in batch[:-1]], family, fmt)
+                    augment.finish_views(batch.to(device))
                 _sync(device)
                 finish[name].append(time.perf_counter() - t)
                 torch.set_num_threads(1)

@@ -3,11 +3,12 @@
 Pre-training (``get_train_dataset``): ``yfcc15m`` (pickle of (photo_id, title, description); images in zip archives),
 ``coco`` (captions json), ``cc3m`` / ``cc12m`` (npy of dicts), ``redcaps`` (json list from
 redcaps/combine_captions.py), ``wds`` (img2dataset tar shards, read with webdataset) and ``demo`` (coloured shapes
-drawn in code). A sample is ``(image, text)`` for CLIP, ``(aug1, aug2)`` for SimCLR, ``(image, text, aug1, aug2)``
-for SLIP, always followed by ``n_bad``: a 0-dim int64 count of the bad images skipped to produce it. Every random
-choice of sample i in epoch e comes from (seed, e, i), so a resumed run sees bitwise-identical data. Images are
-normalised float tensors, or (``args.image_format``, as main.py asks) uint8 views finished on the device by
-``augment.finish_views``; with 'device_augment' the SimCLR colour jitter and blur also run there.
+drawn in code). A sample is an ``augment.Batch`` with the family's views (CLIP ``image, text``; SimCLR ``aug1, aug2``;
+SLIP all four) and ``n_bad``, the count of bad images skipped to produce it; ``Batch.collate`` is the DataLoader's
+collate_fn. Every random choice of sample i in epoch e comes from (seed, e, i), so a resumed run sees
+bitwise-identical data. Images are normalised float tensors, or (``args.image_format``, as main.py asks) uint8 views
+finished on the device by ``augment.finish_views``; with 'device_augment' the SimCLR colour jitter and blur also run
+there.
 
 Downstream datasets are described by ``dataset_catalog.json`` entries ``{"path", "type", "train", "test"}`` with type
 ``imagefolder``, ``filelist`` (``<split>_images.npy`` / ``<split>_labels.npy``), ``special`` (torchvision's
@@ -30,7 +31,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFile
 
 import utils
-from augment import IMAGENET_MEAN, IMAGENET_STD, build_transforms  # noqa: F401 (the views; re-exported)
+from augment import IMAGENET_MEAN, IMAGENET_STD, Batch, build_transforms  # noqa: F401 (re-exported)
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated image is a bad sample: skipped and counted, never half-read
 PRETRAIN_DATASETS = ('yfcc15m', 'cc3m', 'cc12m', 'coco', 'redcaps', 'wds', 'demo')
@@ -219,19 +220,19 @@ class PairMaker:
     def rng(self, *key: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, self.epoch, *key])
 
-    def make(self, image: Image.Image, captions: Sequence[str], rng: np.random.Generator, n_bad: int) -> tuple:
+    def make(self, image: Image.Image, captions: Sequence[str], rng: np.random.Generator, n_bad: int) -> Batch:
         caption = pick_caption(captions, rng) if self.family != 'simclr' else ''
+        sample = Batch(n_bad=torch.tensor(n_bad, dtype=torch.int64))
         with seeded_rngs(int(rng.integers(2 ** 63))):
-            views: List[torch.Tensor] = []
             if self.family != 'simclr':
-                views += [self.clip_transform(image), self.tokenizer(caption)]  # [3, H, W] (or uint8 [H, W, 3]), [77]
+                sample.image, sample.text = self.clip_transform(image), self.tokenizer(caption)
             if self.family != 'clip':
                 a1, a2 = self.ssl_augment(image), self.ssl_augment(image)
-                if isinstance(a1, tuple):  # device_augment: (uint8 view, params) each; the params travel last
-                    views += [a1[0], a2[0], torch.stack([a1[1], a2[1]])]
+                if isinstance(a1, tuple):  # device_augment: (uint8 view, colour/blur parameters) each
+                    sample.aug1, sample.aug2, sample.aug_params = a1[0], a2[0], torch.stack([a1[1], a2[1]])
                 else:
-                    views += [a1, a2]
-        return (*views, torch.tensor(n_bad, dtype=torch.int64))
+                    sample.aug1, sample.aug2 = a1, a2
+        return sample
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -321,7 +322,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, index: int) -> tuple:
+    def __getitem__(self, index: int) -> Batch:
         rng = self.maker.rng(index)
         n_bad, i = 0, index
         while True:

@@ -1,8 +1,9 @@
 """SLIP / CLIP / SimCLR pre-training.
 
-One GPU node (8 GPUs), the SLIP ViT-B/16 recipe on YFCC15M (global batch 8 x 64 = 512; the paper used 4096):
+One GPU node (8 GPUs), the SLIP ViT-B/16 recipe on YFCC15M, with the paper's global batch of 4096 made exactly of
+8 GPUs x 64 x 8 micro-batches (engine.py):
     torchrun --nproc_per_node=8 main.py --root /path/to/yfcc100m --metadata yfcc15m.pkl --model SLIP_VITB16 \
-        --lr 3e-3 --wd 0.1 --output-dir output/slip_vitb16
+        --batch-size 64 --update-freq 8 --lr 3e-3 --wd 0.1 --output-dir output/slip_vitb16
 CLIP: --model CLIP_VITB16 --lr 5e-4 --wd 0.5; SimCLR: --model SIMCLR_VITB16 --lr 3.2e-3 --wd 0.1.
 Slurm: python run_with_submitit.py <the same flags> --nodes 8 --ngpus 8.
 The demo, on a laptop CPU in minutes, on data generated in code:
@@ -11,10 +12,7 @@ The demo, on a laptop CPU in minutes, on data generated in code:
 A killed run restarted with the same command continues from <output-dir>/checkpoint.pt at the exact next step.
 """
 import argparse
-import math
 import os
-import time
-from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -22,13 +20,11 @@ import torch.nn as nn
 
 import augment
 import datasets
+import engine as engine_lib
 import losses
 import models
 import utils
 from utils import logger
-
-LOGIT_SCALE_MAX = math.log(100)  # CLIP's clamp of the learned temperature
-
 
 def get_args_parser():
     p = argparse.ArgumentParser('SLIP pre-training', add_help=False)
@@ -61,7 +57,11 @@ def get_args_parser():
     a('--lr-start', default=1e-6, type=float, help='learning rate at the start of warm-up')
     a('--lr-end', default=1e-5, type=float, help='floor of the cosine schedule')
     a('--update-freq', default=1, type=int,
-      help='gradient accumulation steps; note that BatchNorm in the SimCLR head then sees smaller batches')
+      help='micro-batches per optimizer step: the same training as one batch this many times larger (exact: the '
+           'towers run twice, the loss and the SSL head once on the whole batch; see engine.py)')
+    a('--legacy-update-freq', action='store_true',
+      help='the original\'s --update-freq: each micro-batch is its own contrastive batch with its own BatchNorm '
+           'statistics (only for exact reproduction of its runs)')
     a('--wd', default=0.1, type=float)
     a('--betas', default=(0.9, 0.98), nargs=2, type=float)
     a('--eps', default=1e-8, type=float)
@@ -115,19 +115,22 @@ def resolve_args(args, device):
 
 
 def build_model(args, device):
+    """The bare model on ``device``; the engine wraps it in DDP and torch.compile."""
     model = models.create_model(args.model, args.ssl_mlp_dim, args.ssl_emb_dim).to(device)
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    model_without_ddp = model
-    if args.distributed:
-        if device.type == 'cuda':  # SyncBatchNorm needs CUDA; on CPU each rank keeps its own BN statistics
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-            model_without_ddp = model
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == 'cuda' else None,
-                                                    bucket_cap_mb=200)
-    if args.compile:
-        model = torch.compile(model)
-    return model, model_without_ddp
+    if args.distributed and device.type == 'cuda':  # SyncBatchNorm needs CUDA; on CPU each rank keeps its own BN
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
+def build_engine(model, args, device) -> engine_lib.Engine:
+    """Loss, optimizer and the training engine of ``model`` (bench.py builds its step the same way)."""
+    criterion = losses.get_loss(args.model, args.ssl_temp, args.ssl_scale, args.legacy_clip_gather)
+    return engine_lib.Engine(model, criterion, build_optimizer(model, args, device), device=device,
+                             precision=args.precision, update_freq=args.update_freq,
+                             legacy_update_freq=args.legacy_update_freq, max_nonfinite=args.max_nonfinite,
+                             distributed=args.distributed, compile=args.compile)
 
 
 def build_optimizer(model, args, device):
@@ -187,9 +190,10 @@ def build_train_loader(args, tokenizer, device):
     if isinstance(dataset, torch.utils.data.IterableDataset):
         common['persistent_workers'] = False  # the epoch must reach the workers through set_epoch
         per_rank = dataset.num_samples // args.world_size // args.batch_size
-        return torch.utils.data.DataLoader(dataset, **common), dataset, per_rank
+        return torch.utils.data.DataLoader(dataset, collate_fn=augment.Batch.collate, **common), dataset, per_rank
     sampler = EpochSampler(len(dataset), args.batch_size, args.rank, args.world_size, args.seed)
-    loader = torch.utils.data.DataLoader(EpochIndexed(dataset), sampler=sampler, **common)
+    loader = torch.utils.data.DataLoader(EpochIndexed(dataset), sampler=sampler, collate_fn=augment.Batch.collate,
+                                         **common)
     return loader, sampler, sampler.per_rank // args.batch_size
 
 
@@ -232,14 +236,15 @@ def resume(args, model, optimizer, scaler):
     return ckpt.get('epoch', 0), ckpt.get('step', 0), float(ckpt.get('best_acc1', 0.0))
 
 
-def save(args, model, optimizer, scaler, epoch, step, best_acc1, is_best=False):
+def save(args, model, engine, epoch, step, best_acc1, is_best=False):
+    """Checkpoint at an optimizer-step boundary: ``step`` steps of ``epoch`` are done."""
     for name, p in model.named_parameters():
         if not torch.isfinite(p).all():
             raise RuntimeError(f'refusing to save a checkpoint: parameter {name} holds non-finite values')
     state = {'epoch': epoch, 'step': step, 'best_acc1': best_acc1, 'args': args,
              # 'module.' keys, as the original's DDP checkpoints: its tools and BEiT's --model_prefix expect them
              'state_dict': {'module.' + k: v for k, v in model.state_dict().items()},
-             'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict()}
+             'optimizer': engine.optimizer.state_dict(), 'scaler': engine.scaler.state_dict()}
     utils.save_checkpoint(state, is_best, args.output_dir)
 
 
@@ -248,17 +253,15 @@ def main(args):
     spec = resolve_args(args, device)
     torch.manual_seed(args.seed + args.rank)
     np.random.seed(args.seed + args.rank)
-    model, model_without_ddp = build_model(args, device)
-    criterion = losses.get_loss(args.model, args.ssl_temp, args.ssl_scale, args.legacy_clip_gather)
-    optimizer = build_optimizer(model_without_ddp, args, device)
-    scaler = utils.grad_scaler(args.precision, device)
+    model = build_model(args, device)
+    engine = build_engine(model, args, device)
     tokenizer = utils.Tokenizer() if spec.has_text else None
     zs_assets = zeroshot_setup(args, spec)
-    start_epoch, start_step, best_acc1 = resume(args, model_without_ddp, optimizer, scaler)
+    start_epoch, start_step, best_acc1 = resume(args, model, engine.optimizer, engine.scaler)
     if args.evaluate:
         if zs_assets is None:
             raise SystemExit(f'nothing to evaluate: no zero-shot dataset for {args.model} ({args.eval_dataset})')
-        stats = run_zeroshot(model_without_ddp, args, zs_assets, tokenizer, device)
+        stats = run_zeroshot(model, args, zs_assets, tokenizer, device)
         if utils.is_main_process():
             utils.append_json_line(os.path.join(args.output_dir, 'eval_log.txt'), stats)
         return stats
@@ -266,12 +269,15 @@ def main(args):
     iters_per_epoch //= args.update_freq  # trailing micro-batches that cannot fill an optimizer step are dropped
     if iters_per_epoch == 0:
         raise ValueError('the dataset is smaller than one optimizer step of batch-size x update-freq x processes')
-    schedule = utils.cosine_scheduler(args.lr, args.lr_end, args.epochs, iters_per_epoch, args.warmup_epochs,
-                                      args.lr_start)
-    writer = Writers(args)
-    logger.info('%s: %d processes x batch %d x update-freq %d = global batch %d; %d steps/epoch; precision %s; '
+    engine.set_schedule(utils.cosine_scheduler(args.lr, args.lr_end, args.epochs, iters_per_epoch,
+                                               args.warmup_epochs, args.lr_start))
+    writer = engine_lib.Writers(args)
+    accumulation = '' if args.update_freq == 1 else \
+        (' (legacy: per-micro-batch losses)' if args.legacy_update_freq else ' (exact accumulation)')
+    logger.info('%s: %d processes x batch %d x update-freq %d = global batch %d%s; %d steps/epoch; precision %s; '
                 'peak lr %g', args.model, args.world_size, args.batch_size, args.update_freq,
-                args.world_size * args.batch_size * args.update_freq, iters_per_epoch, args.precision, args.lr)
+                args.world_size * args.batch_size * args.update_freq, accumulation, iters_per_epoch, args.precision,
+                args.lr)
     stats = {}
     for epoch in range(start_epoch, args.epochs):
         first = start_step if epoch == start_epoch else 0
@@ -279,162 +285,31 @@ def main(args):
             sampler.set_epoch(epoch, first * args.update_freq, args.batch_size)  # skip what was already trained
         else:
             sampler.set_epoch(epoch)  # WebDataset: the epoch's shard order
-        train_stats = train_one_epoch(loader, model, criterion, optimizer, scaler, schedule, epoch, first,
-                                      iters_per_epoch, args, device, writer, model_without_ddp, best_acc1)
+
+        def save_mid_epoch(step, epoch=epoch):
+            if args.save_every_steps and step % args.save_every_steps == 0 and step < iters_per_epoch:
+                save(args, model, engine, epoch, step, best_acc1)
+
+        train_stats = engine_lib.train_one_epoch(engine, loader, epoch, first, iters_per_epoch, args, writer,
+                                                 on_step=save_mid_epoch)
         val_stats = {}
         if zs_assets is not None and (epoch + 1) % args.eval_freq == 0:
-            val_stats = run_zeroshot(model_without_ddp, args, zs_assets, tokenizer, device)
+            val_stats = run_zeroshot(model, args, zs_assets, tokenizer, device)
         acc1 = val_stats.get('acc1', -1.0)
         is_best = acc1 > best_acc1
         best_acc1 = max(acc1, best_acc1)
-        save(args, model_without_ddp, optimizer, scaler, epoch + 1, 0, best_acc1, is_best)
+        save(args, model, engine, epoch + 1, 0, best_acc1, is_best)
         stats = {**{f'train_{k}': v for k, v in train_stats.items()},
                  **{f'test_{k}': v for k, v in val_stats.items()}, 'epoch': epoch}
         if utils.is_main_process():
             utils.append_json_line(os.path.join(args.output_dir, 'log.txt'), stats)
-            for k, v in stats.items():
-                writer.scalar(f'epoch/{k}', v, epoch)
+        writer.scalars(stats, iters_per_epoch * (epoch + 1), prefix='epoch/')  # the step of the epoch's last update
     writer.close()
     if zs_assets is not None:
         logger.info('done: zero-shot top-1 on %s %.2f%% (best %.2f%%); outputs in %s', args.eval_dataset,
                     stats.get('test_acc1', float('nan')), best_acc1, args.output_dir)
     utils.cleanup_distributed()
     return stats
-
-
-class Writers:
-    """TensorBoard (always, rank 0) and W&B (only with --wandb) behind one small interface."""
-
-    def __init__(self, args):
-        self.tb = self.wandb = None
-        if not utils.is_main_process():
-            return
-        from torch.utils.tensorboard import SummaryWriter
-        self.tb = SummaryWriter(os.path.join(args.output_dir, 'tensorboard'))
-        if args.wandb:
-            import wandb
-            self.wandb = wandb
-            wandb.init(project='slip', id=os.path.basename(os.path.normpath(args.output_dir)),
-                       config=utils.args_to_dict(args), resume='allow')
-
-    def scalar(self, name, value, step):
-        if self.tb is not None and isinstance(value, (int, float)):
-            self.tb.add_scalar(name, value, step)
-            if self.wandb is not None:
-                self.wandb.log({name: value}, step=step)
-
-    def close(self):
-        if self.tb is not None:
-            self.tb.close()
-
-
-def train_one_epoch(loader, model, criterion, optimizer, scaler, schedule, epoch, first_step, iters_per_epoch,
-                    args, device, writer, model_without_ddp, best_acc1):
-    model.train()
-    family = models.get_spec(args.model).family
-    meters = utils.MetricLogger(device if device.type == 'cuda' else None)
-    counts = torch.zeros(3, dtype=torch.float64)  # bad samples, samples seen, non-finite steps
-    step_ok, streak, wait, t_step, t_epoch = True, 0, 0.0, time.perf_counter(), time.perf_counter()
-    step = first_step
-    batches = _until_any_rank_ends(loader, device) if utils.get_world_size() > 1 else loader
-    for micro, batch in enumerate(batches):
-        step = first_step + micro // args.update_freq
-        if step >= iters_per_epoch:
-            break
-        wait += time.perf_counter() - t_step
-        for group in optimizer.param_groups:
-            group['lr'] = float(schedule[iters_per_epoch * epoch + step])
-        *inputs, n_bad = batch
-        counts[:2] += torch.tensor([float(n_bad.sum()), len(n_bad)], dtype=torch.float64)
-        inputs = augment.finish_views([t.to(device, non_blocking=True) for t in inputs], family, args.image_format)
-        last_micro = (micro + 1) % args.update_freq == 0
-        sync = model.no_sync() if args.distributed and not last_micro and hasattr(model, 'no_sync') else nullcontext()
-        with sync:
-            with utils.autocast(args.precision, device):
-                loss_dict = criterion(model(*inputs))
-            finite = _all_ranks_true(torch.isfinite(loss_dict['loss']).all(), device)
-            if finite and step_ok:
-                scaler.scale(loss_dict['loss'] / args.update_freq).backward()
-            step_ok = step_ok and finite
-        if not last_micro:
-            continue
-        if step_ok:
-            scaler.step(optimizer)
-            scaler.update()
-            streak = 0
-        else:
-            streak += 1
-            counts[2] += 1
-            logger.warning('epoch %d step %d: non-finite loss, step skipped (%d in a row)', epoch, step, streak)
-            if streak >= args.max_nonfinite:
-                raise RuntimeError(f'{streak} consecutive steps with a non-finite loss at epoch {epoch} step '
-                                   f'{step}: lower --lr, try --precision amp_bf16/fp32, or check the data')
-        optimizer.zero_grad(set_to_none=True)
-        step_ok = True
-        logit_scale = _clamp_logit_scale(model_without_ddp)
-        meters.update(n=args.batch_size, **{k: v for k, v in loss_dict.items()}, logit_scale=logit_scale)
-        if (step + 1) % args.print_freq == 0 or step + 1 == iters_per_epoch:
-            _report(meters, counts, args, epoch, step, iters_per_epoch, wait, t_epoch, first_step, device,
-                    writer, optimizer)
-        if args.save_every_steps and (step + 1) % args.save_every_steps == 0 and step + 1 < iters_per_epoch:
-            save(args, model_without_ddp, optimizer, scaler, epoch, step + 1, best_acc1)
-        t_step = time.perf_counter()
-    meters.synchronize()
-    _check_bad_fraction(counts, args, epoch)
-    return {**meters.averages(), 'lr': optimizer.param_groups[0]['lr'], 'bad_samples': int(counts[0])}
-
-
-def _until_any_rank_ends(loader, device):
-    """Stop every rank together when one runs out (WebDataset shards can give ranks uneven sample counts)."""
-    iterator = iter(loader)
-    while True:
-        batch = next(iterator, None)
-        if not _all_ranks_true(torch.tensor(batch is not None), device):
-            return
-        yield batch
-
-
-def _all_ranks_true(flag: torch.Tensor, device) -> bool:
-    if utils.get_world_size() == 1:
-        return bool(flag)
-    t = flag.to(device=device if device.type == 'cuda' else 'cpu', dtype=torch.int32).reshape(1)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
-    return bool(t.item())
-
-
-def _clamp_logit_scale(model) -> float:
-    if not hasattr(model, 'logit_scale'):
-        return 0.0
-    with torch.no_grad():
-        model.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
-        return model.logit_scale.exp().item()
-
-
-def _check_bad_fraction(counts, args, epoch):
-    total = counts.clone()
-    if utils.get_world_size() > 1:
-        torch.distributed.all_reduce(total)
-    bad, seen = float(total[0]), float(total[1])
-    if bad:
-        logger.warning('epoch %d: %d of %d images were missing or undecodable and were replaced', epoch, bad, seen)
-    if seen and bad / seen > args.max_bad_fraction:
-        raise RuntimeError(f'{bad:.0f} of {seen:.0f} images ({100 * bad / seen:.1f}%) are missing or undecodable, '
-                           f'more than --max-bad-fraction {args.max_bad_fraction}: check --root and --metadata')
-
-
-def _report(meters, counts, args, epoch, step, iters, wait, t_epoch, first_step, device, writer, optimizer):
-    elapsed = time.perf_counter() - t_epoch
-    done = step + 1 - first_step
-    samples_s = done * args.batch_size * args.update_freq * args.world_size / max(elapsed, 1e-9)
-    eta = elapsed / done * ((iters - step - 1) + iters * (args.epochs - epoch - 1))
-    logger.info('Epoch [%d][%d/%d] %s  lr %.3g  %.1f samples/s  data %.0f%%  ETA %s  mem %.2f GB  bad %d', epoch,
-                step + 1, iters, meters, optimizer.param_groups[0]['lr'], samples_s, 100 * wait / max(elapsed, 1e-9),
-                utils.format_seconds(eta), utils.peak_memory_gb(device), int(counts[0]))
-    global_step = iters * epoch + step
-    for k, m in meters.meters.items():
-        writer.scalar(f'train/{k}', m.val, global_step)
-    writer.scalar('train/lr', optimizer.param_groups[0]['lr'], global_step)
-    writer.scalar('train/samples_per_s', samples_s, global_step)
 
 
 if __name__ == '__main__':

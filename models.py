@@ -21,7 +21,7 @@ References:
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import timm
@@ -223,7 +223,12 @@ def _visual_features(visual: nn.Module, views, fuse: bool, class_token_only: boo
 # Models
 # ----------------------------------------------------------------------------------------------------------------
 class CLIP(nn.Module):
-    """Image-text contrastive model. forward(image, text) -> {'image_embed', 'text_embed', 'logit_scale'}."""
+    """Image-text contrastive model. forward(batch) -> {'image_embed', 'text_embed', 'logit_scale'}.
+
+    Every model is ``head(towers(batch))``: ``towers`` computes what is per sample, ``head`` what couples the batch's
+    samples before the loss (here the temperature; SLIP/SimCLR's BatchNorm SSL head), so that the training engine
+    can run the towers per micro-batch and the head once on the whole accumulated batch.
+    """
 
     def __init__(self, embed_dim: int, vision_width: int, vision_model: nn.Module, context_length: int = CONTEXT_LENGTH,
                  vocab_size: int = VOCAB_SIZE, transformer_width: int = 512, transformer_heads: int = 8,
@@ -279,9 +284,22 @@ class CLIP(nn.Module):
         x = self.ln_final(self.transformer(x, (flat, B, L), rows=last))  # [B, W]: the last block runs those rows
         return x @ self.text_projection  # [B, E]
 
-    def forward(self, image: torch.Tensor, text: torch.Tensor) -> Dict[str, torch.Tensor]:
-        text_embed = self.encode_text(text)  # first: its one host sync (caption lengths) then waits on little work
-        return {'image_embed': self.encode_image(image), 'text_embed': text_embed, 'logit_scale': self.logit_scale.exp()}
+    def towers(self, batch) -> Dict[str, torch.Tensor]:
+        """Per-sample outputs of the towers that enter the batch-coupled part (the loss): image and text embeddings."""
+        text_embed = self.encode_text(batch.text)  # first: its one host sync (caption lengths) waits on little work
+        return {'image_embed': self.encode_image(batch.image), 'text_embed': text_embed}
+
+    def head(self, features: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """What the loss reads, from the towers' outputs of the whole batch."""
+        return {**features, 'logit_scale': self.logit_scale.exp()}
+
+    def head_parameters(self) -> List[nn.Parameter]:
+        """The parameters ``head`` uses (the training engine runs the head once per accumulated batch)."""
+        return [self.logit_scale]
+
+    def forward(self, batch) -> Dict[str, torch.Tensor]:
+        """batch: an ``augment.Batch`` with ``image`` and ``text`` -> {'image_embed', 'text_embed', 'logit_scale'}."""
+        return self.head(self.towers(batch))
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.transformer.grad_checkpointing = enable
@@ -290,7 +308,7 @@ class CLIP(nn.Module):
 
 
 class SIMCLR(nn.Module):
-    """Image-only SimCLR. forward(aug1, aug2) -> {'aug1_embed', 'aug2_embed'}."""
+    """Image-only SimCLR. forward(batch) -> {'aug1_embed', 'aug2_embed'}."""
 
     def __init__(self, vision_width: int, vision_model: nn.Module, ssl_mlp_dim: int, ssl_emb_dim: int,
                  fuse_views: bool = True, **kwargs):
@@ -304,29 +322,51 @@ class SIMCLR(nn.Module):
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
         return visual_forward(self.visual, image, self.class_token_only)
 
-    def forward(self, aug1: torch.Tensor, aug2: torch.Tensor) -> Dict[str, torch.Tensor]:
-        h1, h2 = _visual_features(self.visual, [aug1, aug2], self.fuse_views, self.class_token_only)
+    def towers(self, batch) -> Dict[str, torch.Tensor]:
+        """The two views' backbone features (before the SSL head, whose BatchNorm couples the batch)."""
+        h1, h2 = _visual_features(self.visual, [batch.aug1, batch.aug2], self.fuse_views, self.class_token_only)
+        return {'aug1_feat': h1, 'aug2_feat': h2}
+
+    def head(self, features: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         # The head runs per view: its BatchNorm statistics are per view in the original.
-        return {'aug1_embed': self.image_mlp(h1), 'aug2_embed': self.image_mlp(h2)}
+        return {'aug1_embed': self.image_mlp(features['aug1_feat']), 'aug2_embed': self.image_mlp(features['aug2_feat'])}
+
+    def head_parameters(self) -> List[nn.Parameter]:
+        return list(self.image_mlp.parameters())
+
+    def forward(self, batch) -> Dict[str, torch.Tensor]:
+        """batch: an ``augment.Batch`` with ``aug1`` and ``aug2`` -> {'aug1_embed', 'aug2_embed'}."""
+        return self.head(self.towers(batch))
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.visual.set_grad_checkpointing(enable)
 
 
 class SLIP(CLIP):
-    """CLIP plus a SimCLR head on the image backbone. forward(image, text, aug1, aug2)."""
+    """CLIP plus a SimCLR head on the image backbone. forward(batch) with image, text, aug1 and aug2."""
 
     def __init__(self, ssl_mlp_dim: int, ssl_emb_dim: int, **kwargs):
         super().__init__(**kwargs)
         self.image_mlp = _build_mlp(self.vision_width, ssl_mlp_dim, ssl_emb_dim)
 
-    def forward(self, image: torch.Tensor, text: torch.Tensor, aug1: torch.Tensor,
-                aug2: torch.Tensor) -> Dict[str, torch.Tensor]:
-        text_embed = self.encode_text(text)  # first: its one host sync (caption lengths) then waits on little work
-        h1, h2, h = _visual_features(self.visual, [aug1, aug2, image], self.fuse_views, self.class_token_only)
-        return {'image_embed': h @ self.image_projection, 'text_embed': text_embed,
+    def towers(self, batch) -> Dict[str, torch.Tensor]:
+        """Image and text embeddings, and the SimCLR views' backbone features (before the SSL head)."""
+        text_embed = self.encode_text(batch.text)  # first: its one host sync (caption lengths) waits on little work
+        h1, h2, h = _visual_features(self.visual, [batch.aug1, batch.aug2, batch.image], self.fuse_views,
+                                     self.class_token_only)
+        return {'image_embed': h @ self.image_projection, 'text_embed': text_embed, 'aug1_feat': h1, 'aug2_feat': h2}
+
+    def head(self, features: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        return {'image_embed': features['image_embed'], 'text_embed': features['text_embed'],
                 'logit_scale': self.logit_scale.exp(),
-                'aug1_embed': self.image_mlp(h1), 'aug2_embed': self.image_mlp(h2)}
+                'aug1_embed': self.image_mlp(features['aug1_feat']), 'aug2_embed': self.image_mlp(features['aug2_feat'])}
+
+    def head_parameters(self) -> List[nn.Parameter]:
+        return [self.logit_scale, *self.image_mlp.parameters()]
+
+    def forward(self, batch) -> Dict[str, torch.Tensor]:
+        """batch: an ``augment.Batch`` with all four views -> CLIP's outputs plus 'aug1_embed', 'aug2_embed'."""
+        return self.head(self.towers(batch))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -44,12 +44,18 @@ def test_device_augment_views_params_and_ops(tmp_path, tokenizer):
     ds = datasets.get_train_dataset(_args(root=str(tmp_path), metadata=meta, image_format='device_augment'),
                                     tokenizer)
     ds.set_epoch(1)
-    image, text, aug1, aug2, params, n_bad = next(iter(torch.utils.data.DataLoader(ds, batch_size=3)))
-    assert image.dtype == aug1.dtype == torch.uint8 and aug2.shape == (len(ds), 64, 64, 3)
-    assert params.shape == (len(ds), 2, 12)
-    assert all(torch.equal(a, b) for a, b in zip(ds[0], ds[0]))  # fixed by (seed, epoch, index)
-    out = augment.finish_views([image, text, aug1, aug2, params], 'slip', 'device_augment')
-    assert len(out) == 4 and out[1] is text and all(out[i].dtype == torch.float32 for i in (0, 2, 3))
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=3, collate_fn=augment.Batch.collate)))
+    assert batch.image.dtype == batch.aug1.dtype == torch.uint8 and batch.aug2.shape == (len(ds), 64, 64, 3)
+    assert batch.aug_params.shape == (len(ds), 2, 12)
+    first, again = ds[0].tensors(), ds[0].tensors()
+    assert all(torch.equal(first[k], again[k]) for k in first)  # fixed by (seed, epoch, index)
+    out = augment.finish_views(batch)
+    assert out.aug_params is None and out.text is batch.text and out.n_bad is batch.n_bad
+    assert all(getattr(out, k).dtype == torch.float32 and getattr(out, k).shape == (3, 3, 64, 64)
+               for k in augment.Batch.VIEWS)
+    # the colour and blur of each SimCLR view were applied: not what plain normalisation of its uint8 pixels gives
+    plain = augment.finish_views(augment.Batch(aug1=batch.aug1))
+    assert not torch.allclose(plain.aug1, out.aug1)
 
 
 def test_crop_flip_params_follow_simclr_distributions():

@@ -21,6 +21,16 @@ def test_train_compare_prints_rows_and_json(capsys):
     assert [json.loads(line)['config'] for line in out.splitlines() if line.startswith('{')] == ['baseline', 'fast']
 
 
+def test_train_compare_accum_runs_k_micro_batches_against_one_big_batch():
+    rows = bench.main(parse('train', '--model', 'SLIP_TINY', '--batch-size', 2, '--update-freq', 3, '--device', 'cpu',
+                            '--steps', 1, '--precision', 'fp32', '--compare-accum', '--count-flops', '--warmup', 0))
+    accum, big = rows
+    assert (accum['batch_size'], accum['update_freq'], big['batch_size'], big['update_freq']) == (2, 3, 6, 1)
+    # exact accumulation runs the towers forward twice: more FLOPs for the same 6 samples, less than twice as many
+    assert big['gflops_per_step'] < accum['gflops_per_step'] < 2 * big['gflops_per_step']
+    assert all(r['peak_rss_gb'] > 0 and r['ms_per_sample'] > 0 for r in rows)
+
+
 def test_data_compare_on_generated_yfcc_archives(tmp_path):
     rows = bench.main(parse('data', '--dataset', 'yfcc15m', '--root', tmp_path, '--metadata', tmp_path / 'm.pkl',
                             '--model', 'SLIP_TINY', '--num-samples', 8, '--make-fixture', '--fixture-archive-size', 16,

@@ -205,14 +205,15 @@ def test_malformed_cc3m_metadata_fails_naming_the_file(tmp_path, records):
 def test_views_per_family_and_collated_bad_count(tmp_path, tokenizer, model, n_images):
     meta, _, _ = _coco(tmp_path)
     ds = datasets.get_train_dataset(_args(dataset='coco', root=str(tmp_path), metadata=meta, model=model), tokenizer)
-    *views, n_bad = next(iter(torch.utils.data.DataLoader(ds, batch_size=2)))
-    images = [v for v in views if v.dtype == torch.float32]
-    texts = [v for v in views if v.dtype == torch.int64]
-    assert len(images) == n_images and all(v.shape == (2, 3, 64, 64) for v in images)
-    assert len(texts) == (0 if model == 'SIMCLR_TINY' else 1)
-    if texts:  # CLIP/SLIP order: image, text first
-        assert views[1] is texts[0] and texts[0].shape == (2, 77) and (texts[0].argmax(-1) > 0).all()
-    assert n_bad.dtype == torch.int64 and n_bad.shape == (2,) and n_bad.sum() == 0
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=2, collate_fn=augment.Batch.collate)))
+    images = [getattr(batch, k) for k in augment.Batch.VIEWS if getattr(batch, k) is not None]
+    assert len(images) == n_images and all(v.shape == (2, 3, 64, 64) and v.dtype == torch.float32 for v in images)
+    assert (batch.image is None) == (model == 'SIMCLR_TINY') and (batch.aug1 is None) == (model == 'CLIP_TINY')
+    if model != 'SIMCLR_TINY':
+        assert batch.text.shape == (2, 77) and (batch.text.argmax(-1) > 0).all()
+    else:
+        assert batch.text is None
+    assert batch.n_bad.dtype == torch.int64 and batch.n_bad.shape == (2,) and batch.n_bad.sum() == 0
 
 
 def test_same_seed_epoch_index_is_bitwise_identical_in_any_worker(tmp_path, tokenizer):
@@ -227,15 +228,18 @@ def test_same_seed_epoch_index_is_bitwise_identical_in_any_worker(tmp_path, toke
     assert torch.equal(torch.rand(3), expected_draw)  # a sample leaves the caller's random streams alone
     fresh = datasets.get_train_dataset(args, tokenizer)
     fresh.set_epoch(5)
-    loader = torch.utils.data.DataLoader(fresh, batch_size=1, num_workers=2)
+    loader = torch.utils.data.DataLoader(fresh, batch_size=1, num_workers=2, collate_fn=augment.Batch.collate)
+    expected = first.tensors()
     for got in (fresh[1], list(loader)[1]):
-        assert all(torch.equal(a, b.reshape(a.shape)) for a, b in zip(first, got, strict=True))
+        got = got.tensors()
+        assert set(got) == set(expected)
+        assert all(torch.equal(expected[k], got[k].reshape(expected[k].shape)) for k in expected)
     fresh.set_epoch(6)  # another epoch: other crops and augmentations of the same image
     moved = list(loader)[1]
-    assert not torch.equal(moved[0][0], first[0]) and not torch.equal(moved[2][0], first[2])
+    assert not torch.equal(moved.image[0], first.image) and not torch.equal(moved.aug1[0], first.aug1)
     other_seed = datasets.get_train_dataset(_args(**{**vars(args), 'seed': 4}), tokenizer)
     other_seed.set_epoch(5)
-    assert not torch.equal(other_seed[1][0], first[0])
+    assert not torch.equal(other_seed[1].image, first.image)
 
 
 @pytest.mark.parametrize('model', ['CLIP_TINY', 'SIMCLR_TINY', 'SLIP_TINY'])
@@ -247,12 +251,13 @@ def test_uint8_views_finished_on_device_equal_float_views_bitwise(tmp_path, toke
         ds = datasets.get_train_dataset(_args(dataset='coco', root=str(tmp_path), metadata=meta, model=model,
                                               image_format=fmt), tokenizer)
         ds.set_epoch(2)
-        *views, _ = next(iter(torch.utils.data.DataLoader(ds, batch_size=3)))
-        batches[fmt] = views
-    assert any(v.dtype == torch.uint8 for v in batches['uint8'])
-    finished = augment.finish_views(batches['uint8'], family, 'uint8')
-    assert len(finished) == len(batches['float'])
-    assert all(torch.equal(a, b) for a, b in zip(finished, batches['float'], strict=True))
+        batches[fmt] = next(iter(torch.utils.data.DataLoader(ds, batch_size=3, collate_fn=augment.Batch.collate)))
+    views = [k for k in augment.Batch.VIEWS if getattr(batches['uint8'], k) is not None]
+    assert len(views) == {'clip': 1, 'simclr': 2, 'slip': 3}[family]
+    assert all(getattr(batches['uint8'], k).dtype == torch.uint8 for k in views)
+    finished, reference = augment.finish_views(batches['uint8']).tensors(), batches['float'].tensors()
+    assert set(finished) == set(reference)
+    assert all(torch.equal(finished[k], reference[k]) for k in reference)
 
 
 def test_missing_and_truncated_images_are_replaced_and_counted(tmp_path, monkeypatch):
@@ -267,11 +272,11 @@ def test_missing_and_truncated_images_are_replaced_and_counted(tmp_path, monkeyp
     warned = []
     monkeypatch.setattr(datasets, 'warn_bad', warned.append)
     ds = datasets.get_train_dataset(_args(dataset='cc3m', root=str(tmp_path), metadata=meta), RecordingTokenizer())
-    n_bad = [int(ds[i][-1]) for i in range(len(ds))]
+    n_bad = [int(ds[i].n_bad) for i in range(len(ds))]
     assert n_bad[0] == 0 and n_bad[4] == 0 and all(n >= 1 for n in n_bad[1:4])
     assert len(warned) == sum(n_bad)
     assert any('truncated.jpg' in w for w in warned) and any('missing.jpg' in w for w in warned)
-    assert n_bad == [int(ds[i][-1]) for i in range(len(ds))]  # the replacement is deterministic too
+    assert n_bad == [int(ds[i].n_bad) for i in range(len(ds))]  # the replacement is deterministic too
 
 
 def test_all_bad_images_stop_with_a_clear_error(tmp_path, monkeypatch):
@@ -348,10 +353,10 @@ def test_webdataset_two_ranks_two_workers_cover_every_sample_once(tmp_path, monk
         ds = _wds(monkeypatch, urls, rank, 2)
         assert ds.num_samples == 15 and (ds.rank, ds.world_size) == (rank, 2)
         ds.set_epoch(3)
-        for image, text, n_bad in torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2):
-            assert image.shape[1:] == (3, 64, 64)
-            seen += text.flatten().tolist()
-            bad += int(n_bad.sum())
+        for batch in torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2, collate_fn=augment.Batch.collate):
+            assert batch.image.shape[1:] == (3, 64, 64)
+            seen += batch.text.flatten().tolist()
+            bad += int(batch.n_bad.sum())
     assert sorted(seen) == expected and bad == 1  # every good sample exactly once; the corrupt one counted
 
 
@@ -366,7 +371,8 @@ def test_webdataset_shard_order_is_per_epoch_and_deterministic(tmp_path, monkeyp
     assert orders[0] == orders[2] and orders[0] != orders[1]
     ds.set_epoch(0)
     first, again = list(ds), list(ds)
-    assert all(torch.equal(a, b) for x, y in zip(first, again, strict=True) for a, b in zip(x, y))
+    assert all(torch.equal(a, b) for x, y in zip(first, again, strict=True)
+               for a, b in zip(x.tensors().values(), y.tensors().values(), strict=True))
 
 
 def test_webdataset_needs_num_samples_and_existing_shards(tmp_path, monkeypatch):
@@ -390,7 +396,8 @@ def test_demo_pretraining_pairs_are_deterministic_and_described(tokenizer):
     corner, colors = a.getpixel((0, 0)), {c for _, c in a.getcolors(64 * 64)}
     assert len(colors) >= 2 and corner != datasets.DEMO_RGB[datasets.DEMO_COLORS.index(color)]
     ds = datasets.get_train_dataset(_args(model='SLIP_TINY', demo_samples=10), tokenizer)
-    assert len(ds) == 10 and len(ds[3]) == 5 and int(ds[3][-1]) == 0
+    assert len(ds) == 10 and set(ds[3].tensors()) == {'image', 'text', 'aug1', 'aug2', 'n_bad'}
+    assert int(ds[3].n_bad) == 0
 
 
 def test_demo_zero_shot_split_is_balanced_and_held_out():

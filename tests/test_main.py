@@ -2,6 +2,7 @@
 import argparse
 import json
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -95,7 +96,50 @@ def test_missing_eval_dataset_is_reported_and_training_continues(tmp_path):
     assert any('zero-shot check disabled' in r.getMessage() for r in records)
 
 
-def test_nonfinite_loss_skips_steps_then_stops(tmp_path, monkeypatch):
+def test_nonfinite_loss_every_step_stops_the_run(tmp_path, monkeypatch):
+    import losses
+    real = losses.CLIPLoss.forward
+
+    def always_nan(self, outputs):
+        out = real(self, outputs)
+        out['loss'] = out['loss'] * float('nan')
+        return out
+
+    monkeypatch.setattr(losses.CLIPLoss, 'forward', always_nan)
+    with pytest.raises(RuntimeError, match='3 consecutive steps with a non-finite loss'):
+        main_script.main(tiny_args(tmp_path / 'b', 'CLIP_TINY', '--epochs', 1, '--max-nonfinite', 3))
+    assert not (tmp_path / 'b' / 'checkpoint.pt').exists()
+
+
+@pytest.mark.parametrize('model', ['CLIP_TINY', 'SLIP_TINY'])
+def test_update_freq_trains_on_the_loss_of_one_big_batch(tmp_path, model):
+    """--batch-size 4 --update-freq 2 logs the loss of --batch-size 8 (learning rate 0, so every step sees the same
+    weights: the same 8 samples a step, the same loss), and the legacy flag the mean of two 4-sample losses."""
+    frozen = ('--epochs', 1, '--lr', 0, '--lr-start', 0, '--lr-end', 0, '--wd', 0, '--eval-dataset', 'none')
+    big = main_script.main(tiny_args(tmp_path / 'big', model, *frozen))
+    accum = main_script.main(tiny_args(tmp_path / 'accum', model, *frozen, '--batch-size', 4, '--update-freq', 2))
+    legacy = main_script.main(tiny_args(tmp_path / 'legacy', model, *frozen, '--batch-size', 4, '--update-freq', 2,
+                                        '--legacy-update-freq'))
+    assert accum['train_loss'] == pytest.approx(big['train_loss'], rel=1e-5)
+    assert legacy['train_loss'] != pytest.approx(big['train_loss'], rel=1e-3)  # 4 negatives per sample, not 8
+
+
+def test_update_freq_drops_the_micro_batches_that_cannot_fill_a_step(tmp_path):
+    stats = main_script.main(tiny_args(tmp_path, 'CLIP_TINY', '--epochs', 1, '--batch-size', 4, '--update-freq', 3,
+                                       '--print-freq', 1, '--eval-dataset', 'none'))
+    lines = (tmp_path / 'log.txt').read_text().splitlines()
+    assert len(lines) == 1 and stats['train_skipped_steps'] == 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(tmp_path / 'tensorboard'))
+    events.Reload()
+    steps = [e.step for e in events.Scalars('train/loss')]
+    assert steps == [1, 2, 3, 4, 5]  # 16 micro-batches of 4 -> 5 optimizer steps, one logging step each
+    assert [e.step for e in events.Scalars('epoch/train_loss')] == [5]  # monotonic with the per-step logs
+
+
+@pytest.mark.parametrize('precision', ['fp32', 'amp'])
+def test_nonfinite_losses_are_skipped_and_counted(tmp_path, monkeypatch, precision):
+    """Calls 2 and 3 of the loss are NaN: exactly those two steps are skipped, the weights stay finite."""
     import losses
     real = losses.CLIPLoss.forward
     calls = {'n': 0}
@@ -108,26 +152,34 @@ def test_nonfinite_loss_skips_steps_then_stops(tmp_path, monkeypatch):
         return out
 
     monkeypatch.setattr(losses.CLIPLoss, 'forward', sometimes_nan)
-    main_script.main(tiny_args(tmp_path / 'a', 'CLIP_TINY', '--epochs', 1))
-    state = _weights(tmp_path / 'a' / 'checkpoint.pt')
-    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
-
-    def always_nan(self, outputs):
-        out = real(self, outputs)
-        out['loss'] = out['loss'] * float('nan')
-        return out
-
-    monkeypatch.setattr(losses.CLIPLoss, 'forward', always_nan)
-    with pytest.raises(RuntimeError, match='consecutive steps with a non-finite loss'):
-        main_script.main(tiny_args(tmp_path / 'b', 'CLIP_TINY', '--epochs', 1, '--max-nonfinite', 3))
-    assert not (tmp_path / 'b' / 'checkpoint.pt').exists()
+    stats = main_script.main(tiny_args(tmp_path, 'CLIP_TINY', '--epochs', 1, '--precision', precision,
+                                       '--eval-dataset', 'none'))
+    assert calls['n'] == 8 and stats['train_skipped_steps'] == 2  # 64 samples / 8 = 8 steps
+    ckpt = utils.load_checkpoint(str(tmp_path / 'checkpoint.pt'))
+    assert all(torch.isfinite(v).all() for v in ckpt['state_dict'].values() if v.is_floating_point())
+    if precision == 'amp':  # fp16 autocast with the loss scaler, whose state is checkpointed
+        assert ckpt['scaler']['scale'] > 0 and ckpt['scaler']['_growth_tracker'] >= 0
+    else:
+        assert ckpt['scaler'] == {}
 
 
-def test_update_freq_matches_one_big_batch_for_clip(tmp_path):
-    """Accumulating 2 x 4 gives the same first-epoch loss curve length and a valid schedule (no overflow)."""
-    stats = main_script.main(tiny_args(tmp_path, 'CLIP_TINY', '--epochs', 1, '--batch-size', 4,
-                                       '--update-freq', 3))  # 16 batches of 4 -> 5 optimizer steps
-    assert stats['epoch'] == 0 and stats['train_loss'] > 0
+def test_compile_trains_a_few_steps(tmp_path, monkeypatch):
+    """--compile: Dynamo captures every stage of the engine's step (the Batch input, the towers-only and replay
+    passes of exact accumulation). The test compiles with the aot_eager backend: inductor's C++ code generation
+    would take minutes on a 2-core machine and is torch's to test, not ours."""
+    real_compile = torch.compile
+    compiled = []
+
+    def compile_aot_eager(model, **kw):
+        compiled.append(model)
+        return real_compile(model, backend='aot_eager', dynamic=True)
+
+    monkeypatch.setattr(torch, 'compile', compile_aot_eager)
+    common = ('--epochs', 1, '--demo-samples', 32, '--batch-size', 4, '--update-freq', 2, '--eval-dataset', 'none')
+    stats = main_script.main(tiny_args(tmp_path, 'SLIP_TINY', *common, '--compile'))
+    assert len(compiled) == 1 and stats['train_skipped_steps'] == 0
+    eager = main_script.main(tiny_args(tmp_path / 'eager', 'SLIP_TINY', *common))
+    assert stats['train_loss'] == pytest.approx(eager['train_loss'], rel=1e-4)  # the same training, compiled
 
 
 def _run_cli(out, extra=(), env_extra=None):
@@ -138,10 +190,12 @@ def _run_cli(out, extra=(), env_extra=None):
     return [str(c) for c in cmd], env
 
 
-def test_sigkill_and_restart_equals_uninterrupted_bitwise(tmp_path):
-    cmd, env = _run_cli(tmp_path / 'ref')
+@pytest.mark.parametrize('update_freq', [1, 2])
+def test_sigkill_and_restart_equals_uninterrupted_bitwise(tmp_path, update_freq):
+    extra = ['--update-freq', update_freq, '--batch-size', 8 // update_freq]  # the same global batch of 8
+    cmd, env = _run_cli(tmp_path / 'ref', extra)
     subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True)
-    cmd, env = _run_cli(tmp_path / 'killed')
+    cmd, env = _run_cli(tmp_path / 'killed', extra)
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = tmp_path / 'killed' / 'checkpoint.pt'
     deadline = time.time() + 120

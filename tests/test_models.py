@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 
+import augment
 import models
 import utils
 
@@ -66,8 +67,9 @@ def _inputs(name, batch=4, seed=0):
     image, aug1, aug2 = (torch.randn(batch, 3, size, size, generator=g) for _ in range(3))
     tok = utils.Tokenizer()
     text = tok(['a dog', 'a red circle on a grey background', 'hello', 'x y z w v'][:batch])
-    return {'clip': (image, text), 'simclr': (aug1, aug2), 'slip': (image, text, aug1, aug2)}[
-        models.get_spec(name).family]
+    fields = {'clip': dict(image=image, text=text), 'simclr': dict(aug1=aug1, aug2=aug2),
+              'slip': dict(image=image, text=text, aug1=aug1, aug2=aug2)}[models.get_spec(name).family]
+    return augment.Batch(**fields)
 
 
 @pytest.mark.parametrize('name', TINY)
@@ -75,7 +77,7 @@ def test_tiny_forward_backward_every_parameter_gets_gradient(name):
     import losses
     torch.manual_seed(0)
     model = models.create_model(name)
-    out = model(*_inputs(name))
+    out = model(_inputs(name))
     expected = {'clip': {'image_embed', 'text_embed', 'logit_scale'}, 'simclr': {'aug1_embed', 'aug2_embed'},
                 'slip': {'image_embed', 'text_embed', 'logit_scale', 'aug1_embed', 'aug2_embed'}}
     assert set(out) == expected[models.get_spec(name).family]
@@ -102,8 +104,8 @@ def test_fast_paths_equal_plain_computation(name, checkpointing):
     models.set_fast_paths(slow, False)
     assert models._class_token_only_ok(fast.visual)  # the shortcut really runs
     fast.set_grad_checkpointing(checkpointing)
-    inputs = [x.double() if x.is_floating_point() else x for x in _inputs(name)]
-    out_fast, out_slow = fast(*inputs), slow(*inputs)
+    inputs = _inputs(name).apply(lambda x: x.double() if x.is_floating_point() else x)
+    out_fast, out_slow = fast(inputs), slow(inputs)
     for k in out_fast:
         torch.testing.assert_close(out_fast[k], out_slow[k], atol=1e-10, rtol=1e-10)
     import losses
@@ -161,13 +163,13 @@ def test_unfused_attention_equals_fused():
     model = models.create_model('SLIP_TINY').eval()
     inputs = _inputs('SLIP_TINY')
     with torch.no_grad():
-        fused = model(*inputs)
+        fused = model(inputs)
         for m in model.modules():
             if isinstance(m, models.CausalSelfAttention):
                 m.fused = False
             if hasattr(m, 'fused_attn'):
                 m.fused_attn = False
-        plain = model(*inputs)
+        plain = model(inputs)
     for k in fused:
         torch.testing.assert_close(fused[k], plain[k], atol=1e-5, rtol=1e-5)
 

@@ -1,0 +1,370 @@
+"""The pre-training engine: one optimizer step over K micro-batches, and the epoch loop around it.
+
+main.py trains with it and bench.py times it, so a benchmark measures what users run. ``Engine`` owns autocast,
+gradient accumulation, DDP and its ``no_sync``, the fp16 loss scaler, the non-finite policy, the logit-scale clamp,
+the per-step learning-rate schedule and the metric sums; ``train_one_epoch`` feeds it finished batches.
+
+An optimizer step takes K = ``update_freq`` micro-batches (``augment.Batch`` on the device):
+  * K = 1: forward, loss, backward.
+  * K > 1, exact (the default): the same training as one batch K times larger, up to float rounding.
+      1. Without gradient, each micro-batch runs the model's towers (``model.towers``): image and text embeddings,
+         and the SimCLR views' backbone features before the SSL head, a few KB per sample, kept on the device. The
+         RNG state before each micro-batch is recorded.
+      2. The head (``model.head``: the temperature and the BatchNorm SSL head) and the loss run once on the whole
+         accumulated batch, across processes through the losses' gathers: BatchNorm normalises with the full
+         batch's statistics and updates its running statistics once, and logit_scale gets one gradient. Its
+         backward stops at the kept tower outputs.
+      3. Each micro-batch runs its towers again with gradient, under its recorded RNG state (drop path and other
+         random ops replay exactly), and back-propagates the kept gradients; DDP synchronises on the last one only.
+    The towers run forward twice, so a step costs about a third more than one big batch would, with the memory of
+    one micro-batch plus the kept features.
+  * K > 1 with ``legacy_update_freq`` (--legacy-update-freq): the original's accumulation, where every micro-batch
+    is its own contrastive batch with its own BatchNorm statistics (for exact reproduction of its runs).
+
+Host syncs: one per optimizer step (are all losses finite, on every rank?); metrics stay on the device and are read
+only when a progress line is printed.
+
+Reference: the gradient cache of Gao et al., "Scaling Deep Contrastive Learning Batch Size under Memory Limited
+Setup" (arXiv 2101.06983), here with the batch-coupled head and its BatchNorm inside the cached part.
+"""
+import math
+import os
+import time
+from contextlib import contextmanager, nullcontext
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+import augment
+import utils
+from utils import logger
+
+LOGIT_SCALE_MAX = math.log(100)  # CLIP's clamp of the learned temperature
+
+
+class _Stages(nn.Module):
+    """What DDP (and torch.compile) wrap, so every stage of a step goes through them.
+
+    mode 'full': the model's outputs; 'towers': the towers' outputs alone; 'replay': the towers' outputs dotted with
+    the kept gradients of the loss (plus, on the last micro-batch, the head parameters dotted with theirs), a
+    surrogate whose backward gives every parameter exactly its gradient of the full-batch loss.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: augment.Batch, mode: str = 'full', feature_grads: Optional[Dict] = None,
+                head_grads: Optional[List[torch.Tensor]] = None):
+        if mode == 'full':
+            return self.model(batch)
+        features = self.model.towers(batch)
+        if mode == 'towers':
+            return features
+        surrogate = sum(torch.sum(features[k] * g) for k, g in feature_grads.items())
+        if head_grads is not None:
+            params = [p for p in self.model.head_parameters() if p.requires_grad]
+            surrogate = surrogate + sum(torch.sum(p * g) for p, g in zip(params, head_grads))
+        return surrogate
+
+
+def _rng_state(device: torch.device) -> tuple:
+    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == 'cuda' else None)
+
+
+@contextmanager
+def _replayed_rng(state: tuple, device: torch.device):
+    """Run a block under a recorded RNG state and restore the current one afterwards."""
+    cuda = device.type == 'cuda'
+    with torch.random.fork_rng(devices=[device] if cuda else [], device_type='cuda'):
+        torch.set_rng_state(state[0])
+        if cuda:
+            torch.cuda.set_rng_state(state[1], device)
+        yield
+
+
+def all_ranks_true(flag: torch.Tensor, device: torch.device) -> bool:
+    """True when ``flag`` holds on every rank (one host sync)."""
+    if utils.get_world_size() == 1:
+        return bool(flag)
+    t = flag.to(device=device if device.type == 'cuda' else 'cpu', dtype=torch.int32).reshape(1)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    return bool(t.item())
+
+
+class Engine:
+    """The pre-training step.
+
+    Args:
+        model: the bare model (``towers``/``head``/``head_parameters``, as models.py defines them); its state_dict
+            is the checkpoint's. DDP (when ``distributed``) and torch.compile (when ``compile``) wrap it here.
+        criterion: a loss of losses.py (the model-output dict -> {'loss', metrics}).
+        optimizer: built over ``model``'s parameters.
+        precision: 'fp32', 'amp' (fp16 with the loss scaler) or 'amp_bf16'.
+        update_freq: micro-batches per optimizer step (K above); ``legacy_update_freq`` the original's semantics.
+        max_nonfinite: stop after this many consecutive steps with a non-finite loss (each is skipped).
+    """
+
+    def __init__(self, model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer, *,
+                 device: torch.device, precision: str = 'fp32', update_freq: int = 1, legacy_update_freq: bool = False,
+                 max_nonfinite: int = 5, distributed: bool = False, compile: bool = False):
+        if update_freq < 1:
+            raise ValueError(f'--update-freq must be >= 1, got {update_freq}')
+        self.model, self.criterion, self.optimizer = model, criterion, optimizer
+        self.device, self.precision = device, precision
+        self.scaler = utils.grad_scaler(precision, device)
+        self.update_freq = update_freq
+        self.exact = update_freq > 1 and not legacy_update_freq
+        self.max_nonfinite = max_nonfinite
+        net = _Stages(model)
+        self.ddp = None
+        if distributed:
+            net = self.ddp = nn.parallel.DistributedDataParallel(
+                net, device_ids=[device] if device.type == 'cuda' else None, bucket_cap_mb=200)
+        self.eager = net
+        self.net = torch.compile(net) if compile else net
+        self.schedule = None
+        self.streak = 0  # consecutive non-finite steps
+        self.skipped = 0  # non-finite steps skipped since the last reset_counts()
+        self._sums: Dict[str, torch.Tensor] = {}  # metric sums on the device since the last read_metrics()
+        self._steps = 0
+
+    # -- the step ----------------------------------------------------------------------------------------------
+    def set_schedule(self, schedule: Sequence[float]) -> None:
+        """One learning rate per optimizer step of the run (utils.cosine_scheduler)."""
+        self.schedule = schedule
+
+    def train(self) -> None:
+        self.net.train()
+
+    def step(self, micro_batches: Sequence[augment.Batch], global_step: Optional[int] = None,
+             where: str = '') -> bool:
+        """One optimizer step over ``micro_batches``; returns whether it was taken (False: non-finite, skipped)."""
+        if len(micro_batches) != self.update_freq:
+            raise ValueError(f'an optimizer step takes {self.update_freq} micro-batches, got {len(micro_batches)}')
+        if self.schedule is not None and global_step is not None:
+            for group in self.optimizer.param_groups:
+                group['lr'] = float(self.schedule[global_step])
+        metrics, finite = self.forward_backward(micro_batches)
+        if finite:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.streak = 0
+        else:
+            self.streak += 1
+            self.skipped += 1
+            logger.warning('%s: non-finite loss, step skipped (%d in a row)', where or 'step', self.streak)
+            if self.streak >= self.max_nonfinite:
+                raise RuntimeError(f'{self.streak} consecutive steps with a non-finite loss ({where}): lower --lr, '
+                                   f'try --precision amp_bf16/fp32, or check the data')
+        self.optimizer.zero_grad(set_to_none=True)
+        logit_scale = self._clamp_logit_scale()
+        if logit_scale is not None:
+            metrics['logit_scale'] = logit_scale
+        self._add_metrics(metrics)
+        return finite
+
+    def forward_backward(self, micro_batches: Sequence[augment.Batch]) -> Tuple[Dict[str, torch.Tensor], bool]:
+        """Accumulate the gradient of one optimizer step in ``.grad``; returns (detached metrics, all finite)."""
+        if self.exact:
+            return self._exact(micro_batches)
+        return self._plain(micro_batches)
+
+    def _autocast(self):
+        return utils.autocast(self.precision, self.device)
+
+    def _sync(self, last: bool):
+        """DDP synchronises gradients on the last micro-batch of a step only."""
+        return self.ddp.no_sync() if self.ddp is not None and not last else nullcontext()
+
+    def _plain(self, micro_batches):
+        k = len(micro_batches)
+        finite = torch.ones((), dtype=torch.bool, device=self.device)
+        metrics: Dict[str, torch.Tensor] = {}
+        for i, batch in enumerate(micro_batches):
+            with self._sync(i == k - 1):
+                with self._autocast():
+                    out = self.criterion(self.net(batch))
+                self.scaler.scale(out['loss'] / k).backward()
+            finite &= torch.isfinite(out['loss']).all()
+            for name, v in out.items():
+                metrics[name] = metrics.get(name, 0) + v.detach() / k
+        return metrics, all_ranks_true(finite, self.device)
+
+    def _exact(self, micro_batches):
+        # 1. the towers of every micro-batch, without gradient, and the RNG state each started from
+        states, outputs = [], []
+        with torch.no_grad():
+            for batch in micro_batches:
+                states.append(_rng_state(self.device))
+                with self._autocast():
+                    outputs.append(self.net(batch, mode='towers'))
+        # 2. the head and the loss, once, on the whole accumulated batch
+        kept = {k: torch.cat([o[k] for o in outputs]).detach().requires_grad_() for k in outputs[0]}
+        head_params = [p for p in self.model.head_parameters() if p.requires_grad]
+        with self._autocast():
+            out = self.criterion(self.model.head(kept))
+        metrics = {name: v.detach() for name, v in out.items()}
+        if not all_ranks_true(torch.isfinite(out['loss']).all(), self.device):
+            return metrics, False
+        if any(p.grad is not None for p in head_params):
+            raise RuntimeError('exact accumulation starts from cleared gradients (optimizer.zero_grad)')
+        with self._sync(False):  # the graph holds only the kept outputs and the head: DDP has nothing to reduce yet
+            self.scaler.scale(out['loss']).backward()
+        # the head's gradients are handed back on the last micro-batch, so DDP reduces them with all the others
+        head_grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in head_params]
+        for p in head_params:
+            p.grad = None
+        sizes = [len(o[next(iter(o))]) for o in outputs]
+        feature_grads = {k: v.grad.split(sizes) for k, v in kept.items()}
+        # 3. each micro-batch again, with gradient, under its recorded RNG state
+        for i, batch in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            with self._sync(last), _replayed_rng(states[i], self.device):
+                with self._autocast():
+                    surrogate = self.net(batch, mode='replay', feature_grads={k: g[i] for k, g in feature_grads.items()},
+                                         head_grads=head_grads if last else None)
+                surrogate.backward()
+        return metrics, True
+
+    def _clamp_logit_scale(self) -> Optional[torch.Tensor]:
+        if not hasattr(self.model, 'logit_scale'):
+            return None
+        with torch.no_grad():
+            self.model.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
+            return self.model.logit_scale.detach().exp()
+
+    # -- metrics -----------------------------------------------------------------------------------------------
+    def _add_metrics(self, metrics: Dict[str, torch.Tensor]) -> None:
+        for name, v in metrics.items():
+            v = v.detach().to(torch.float64)
+            self._sums[name] = self._sums[name] + v if name in self._sums else v
+        self._steps += 1
+
+    def read_metrics(self) -> Tuple[Dict[str, float], int]:
+        """The mean of each metric over the steps since the last read, and their number (one host sync)."""
+        if not self._steps:
+            return {}, 0
+        names = list(self._sums)
+        values = (torch.stack([self._sums[n] for n in names]) / self._steps).tolist()
+        steps, self._sums, self._steps = self._steps, {}, 0
+        return dict(zip(names, values)), steps
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The epoch loop
+# ----------------------------------------------------------------------------------------------------------------
+class Writers:
+    """TensorBoard (always, rank 0) and W&B (only with --wandb) behind one small interface.
+
+    Every scalar is logged at one monotonic step, the number of optimizer steps done, so W&B keeps them all (it
+    drops values logged at a smaller step than one it has seen).
+    """
+
+    def __init__(self, args):
+        self.tb = self.wandb = None
+        if not utils.is_main_process():
+            return
+        from torch.utils.tensorboard import SummaryWriter
+        self.tb = SummaryWriter(os.path.join(args.output_dir, 'tensorboard'))
+        if getattr(args, 'wandb', False):
+            import wandb
+            self.wandb = wandb
+            wandb.init(project='slip', id=os.path.basename(os.path.normpath(args.output_dir)),
+                       config=utils.args_to_dict(args), resume='allow')
+
+    def scalars(self, values: Dict[str, float], step: int, prefix: str = '') -> None:
+        values = {prefix + k: v for k, v in values.items() if isinstance(v, (int, float))}
+        if self.tb is None:
+            return
+        for name, v in values.items():
+            self.tb.add_scalar(name, v, step)
+        if self.wandb is not None:
+            self.wandb.log(values, step=step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _until_any_rank_ends(loader, device):
+    """Stop every rank together when one runs out (for iterable datasets whose ranks may see unequal counts)."""
+    iterator = iter(loader)
+    while True:
+        batch = next(iterator, None)
+        if not all_ranks_true(torch.tensor(batch is not None), device):
+            return
+        yield batch
+
+
+def train_one_epoch(engine: Engine, loader, epoch: int, first_step: int, iters_per_epoch: int, args,
+                    writer: Optional[Writers] = None, on_step: Optional[Callable[[int], None]] = None) -> Dict:
+    """Train optimizer steps ``first_step .. iters_per_epoch - 1`` of ``epoch`` from ``loader``'s batches.
+
+    Reads ``args.print_freq``, ``args.epochs``, ``args.batch_size``, ``args.world_size``, ``args.max_bad_fraction``.
+    ``on_step(step)`` is called after every optimizer step (main.py's mid-epoch checkpoints, which therefore fall on
+    optimizer-step boundaries). Returns the epoch's metric averages (synchronised over ranks), the last learning
+    rate, and the counts of bad samples and skipped steps.
+    """
+    device, k = engine.device, engine.update_freq
+    engine.train()
+    engine.skipped = 0
+    meters = utils.MetricLogger(device if device.type == 'cuda' else None)
+    counts = torch.zeros(2, dtype=torch.float64)  # bad samples, samples seen
+    uneven = utils.get_world_size() > 1 and isinstance(loader.dataset, torch.utils.data.IterableDataset)
+    batches = iter(_until_any_rank_ends(loader, device) if uneven else loader)
+    wait, t_epoch, step = 0.0, time.perf_counter(), first_step
+    for step in range(first_step, iters_per_epoch):
+        micro = []
+        for _ in range(k):
+            t = time.perf_counter()
+            batch = next(batches, None)
+            wait += time.perf_counter() - t  # the data-wait share is measured per micro-batch
+            if batch is None:
+                break
+            counts += torch.tensor([float(batch.n_bad.sum()), len(batch.n_bad)], dtype=torch.float64)
+            micro.append(augment.finish_views(batch.to(device, non_blocking=True)))
+        if len(micro) < k:
+            logger.warning('epoch %d: the data ran out after %d of %d steps', epoch, step, iters_per_epoch)
+            break
+        engine.step(micro, iters_per_epoch * epoch + step, where=f'epoch {epoch} step {step}')
+        if (step + 1) % args.print_freq == 0 or step + 1 == iters_per_epoch:
+            _report(engine, meters, counts, args, epoch, step, iters_per_epoch, wait, t_epoch, first_step, writer)
+        if on_step is not None:
+            on_step(step + 1)
+    values, n = engine.read_metrics()  # steps since the last progress line
+    if n:
+        meters.update(n=n * args.batch_size * k, **values)
+    meters.synchronize()
+    _check_bad_fraction(counts, args, epoch)
+    return {**meters.averages(), 'lr': engine.optimizer.param_groups[0]['lr'], 'bad_samples': int(counts[0]),
+            'skipped_steps': engine.skipped}
+
+
+def _check_bad_fraction(counts, args, epoch):
+    total = counts.clone()
+    if utils.get_world_size() > 1:
+        torch.distributed.all_reduce(total)
+    bad, seen = float(total[0]), float(total[1])
+    if bad:
+        logger.warning('epoch %d: %d of %d images were missing or undecodable and were replaced', epoch, bad, seen)
+    if seen and bad / seen > args.max_bad_fraction:
+        raise RuntimeError(f'{bad:.0f} of {seen:.0f} images ({100 * bad / seen:.1f}%) are missing or undecodable, '
+                           f'more than --max-bad-fraction {args.max_bad_fraction}: check --root and --metadata')
+
+
+def _report(engine, meters, counts, args, epoch, step, iters, wait, t_epoch, first_step, writer):
+    values, n = engine.read_metrics()
+    meters.update(n=n * args.batch_size * engine.update_freq, **values)
+    elapsed = time.perf_counter() - t_epoch
+    done = step + 1 - first_step
+    samples_s = done * args.batch_size * engine.update_freq * args.world_size / max(elapsed, 1e-9)
+    eta = elapsed / done * ((iters - step - 1) + iters * (args.epochs - epoch - 1))
+    lr = engine.optimizer.param_groups[0]['lr']
+    logger.info('Epoch [%d][%d/%d] %s  lr %.3g  %.1f samples/s  data %.0f%%  ETA %s  mem %.2f GB  bad %d', epoch,
+                step + 1, iters, meters, lr, samples_s, 100 * wait / max(elapsed, 1e-9), utils.format_seconds(eta),
+                utils.peak_memory_gb(engine.device), int(counts[0]))
+    if writer is not None:
+        writer.scalars({**values, 'lr': lr, 'samples_per_s': samples_s, 'data_wait': wait / max(elapsed, 1e-9)},
+                       iters * epoch + step + 1, prefix='train/')

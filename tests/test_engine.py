@@ -1,0 +1,167 @@
+"""engine.py: exact accumulation equals one big batch, the legacy semantics, the step's policies, 2 gloo processes.
+
+Exactness is asserted in float64, so that only a real difference (not float32 summation order) can fail it.
+"""
+import copy
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from timm.layers import DropPath
+
+import augment
+import bench
+import engine as engine_lib
+import losses
+import models
+
+TINY = ['CLIP_TINY', 'SIMCLR_TINY', 'SLIP_TINY']
+RTOL = 1e-10
+
+
+def _batch(name, n, seed=0) -> augment.Batch:
+    batch = bench.synthetic_batch(models.get_spec(name), n, 'cpu', seed)
+    return batch.apply(lambda t: t.double() if t.is_floating_point() else t)
+
+
+def _engine(model, name, update_freq=1, legacy=False, **kw):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    return engine_lib.Engine(model, losses.get_loss(name), optimizer, device=torch.device('cpu'),
+                             update_freq=update_freq, legacy_update_freq=legacy, **kw)
+
+
+def _pair(name, checkpointing=False):
+    torch.manual_seed(0)
+    a = models.create_model(name).double()
+    b = copy.deepcopy(a)
+    a.set_grad_checkpointing(checkpointing)
+    return a, b
+
+
+def _assert_same_training(a, b, loss_a, loss_b):
+    torch.testing.assert_close(loss_a, loss_b, rtol=RTOL, atol=0)
+    for (n, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+        assert pa.grad is not None and pb.grad is not None, n
+        torch.testing.assert_close(pa.grad, pb.grad, rtol=RTOL, atol=1e-14, msg=n)
+    for (n, ba), (_, bb) in zip(a.named_buffers(), b.named_buffers(), strict=True):
+        torch.testing.assert_close(ba, bb, rtol=RTOL, atol=0, msg=n)  # BatchNorm running statistics
+
+
+@pytest.mark.parametrize('name,checkpointing', [(n, False) for n in TINY] + [('SLIP_TINY', True)])
+def test_exact_accumulation_of_4x8_equals_one_batch_of_32(name, checkpointing):
+    """Loss, every parameter's gradient (logit_scale included) and the BatchNorm running statistics."""
+    a, b = _pair(name, checkpointing)
+    data = _batch(name, 32)
+    metrics, finite = _engine(a, name, update_freq=4).forward_backward(data.chunk(4))
+    ref, _ = _engine(b, name).forward_backward([data])
+    assert finite
+    _assert_same_training(a, b, metrics['loss'], ref['loss'])
+    if name != 'SIMCLR_TINY':
+        assert a.logit_scale.grad.abs() > 0  # the temperature really is trained, once
+
+
+def _with_drop_path(model, p=0.3):
+    for block in model.visual.blocks:
+        block.drop_path1, block.drop_path2 = DropPath(p), DropPath(p)
+    return model
+
+
+@pytest.mark.parametrize('name', ['CLIP_TINY', 'SLIP_TINY'])
+def test_exact_accumulation_replays_drop_path(name):
+    """With drop path on, the second pass draws the masks of the first: the gradient equals one graph over the 32
+    samples whose towers ran micro-batch by micro-batch with those same draws."""
+    a, b = (_with_drop_path(m) for m in _pair(name))
+    data = _batch(name, 32)
+    micro = data.chunk(4)
+    torch.manual_seed(7)
+    metrics, _ = _engine(a, name, update_freq=4).forward_backward(micro)
+    torch.manual_seed(7)
+    features = [b.towers(mb) for mb in micro]
+    ref = losses.get_loss(name)(b.head({k: torch.cat([f[k] for f in features]) for k in features[0]}))
+    ref['loss'].backward()
+    _assert_same_training(a, b, metrics['loss'], ref['loss'])
+    torch.manual_seed(8)  # the masks matter: other draws give other features
+    assert not torch.allclose(b.towers(micro[0])['image_embed'], features[0]['image_embed'])
+
+
+@pytest.mark.parametrize('name', ['CLIP_TINY', 'SLIP_TINY'])
+def test_legacy_update_freq_is_the_per_micro_batch_loss(name):
+    a, b = _pair(name)
+    c = copy.deepcopy(b)
+    micro = _batch(name, 16).chunk(2)
+    metrics, _ = _engine(a, name, update_freq=2, legacy=True).forward_backward(micro)
+    criterion = losses.get_loss(name)
+    ref_loss = 0
+    for mb in micro:  # the original: each micro-batch its own contrastive batch, gradients averaged
+        loss = criterion(b(mb))['loss'] / 2
+        loss.backward()
+        ref_loss = ref_loss + loss.detach()
+    _assert_same_training(a, b, metrics['loss'], ref_loss)
+    exact, _ = _engine(c, name, update_freq=2).forward_backward(micro)
+    assert not torch.allclose(exact['loss'], metrics['loss'])  # 16 negatives per sample instead of 8
+
+
+def test_step_updates_with_the_schedule_clamps_logit_scale_and_keeps_metrics_on_device():
+    model = models.create_model('CLIP_TINY')
+    eng = _engine(model, 'CLIP_TINY', update_freq=2)
+    eng.set_schedule([0.5, 1e-4])
+    with torch.no_grad():
+        model.logit_scale.fill_(10.0)  # above the clamp
+    before = model.visual.patch_embed.proj.weight.detach().clone()
+    assert eng.step(bench.synthetic_batch(models.get_spec('CLIP_TINY'), 8, 'cpu').chunk(2), global_step=1)
+    assert eng.optimizer.param_groups[0]["lr"] == 1e-4
+    assert not torch.equal(before, model.visual.patch_embed.proj.weight)
+    assert float(model.logit_scale.detach()) == pytest.approx(engine_lib.LOGIT_SCALE_MAX)
+    assert all(p.grad is None for p in model.parameters())  # cleared for the next step
+    values, steps = eng.read_metrics()
+    assert steps == 1 and set(values) == {'loss', 'clip_loss', 'clip_acc', 'logit_scale'}
+    assert values['logit_scale'] == pytest.approx(100.0)
+    assert eng.read_metrics() == ({}, 0)
+
+
+@pytest.mark.parametrize('exact', [True, False])
+def test_nonfinite_step_is_skipped_and_counted_then_stops(monkeypatch, exact):
+    model = models.create_model('CLIP_TINY')
+    eng = _engine(model, 'CLIP_TINY', update_freq=2, legacy=not exact, max_nonfinite=2)
+    real = losses.CLIPLoss.forward
+    monkeypatch.setattr(losses.CLIPLoss, 'forward', lambda self, out: {**real(self, out),
+                                                                       'loss': real(self, out)['loss'] * float('nan')})
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    micro = bench.synthetic_batch(models.get_spec('CLIP_TINY'), 8, 'cpu').chunk(2)
+    assert eng.step(micro) is False
+    assert eng.skipped == 1 and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    with pytest.raises(RuntimeError, match='2 consecutive steps with a non-finite loss'):
+        eng.step(micro)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2 gloo processes x 2 micro-batches of 4 against one process with a batch of 16
+# ----------------------------------------------------------------------------------------------------------------
+def _dist_worker(rank, world_size, init_file, out_dir):
+    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world_size)
+    try:
+        torch.manual_seed(0)
+        model = models.create_model('CLIP_TINY').double()
+        eng = _engine(model, 'CLIP_TINY', update_freq=2, distributed=True)
+        local = _batch('CLIP_TINY', 16).chunk(world_size)[rank]
+        metrics, finite = eng.forward_backward(local.chunk(2))
+        if rank == 0:
+            torch.save({'grads': {n: p.grad for n, p in model.named_parameters()}, 'finite': finite},
+                       os.path.join(out_dir, 'grads.pt'))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.dist
+def test_two_ranks_accumulating_2x4_equal_one_process_batch_16(tmp_path):
+    mp.spawn(_dist_worker, args=(2, str(tmp_path / 'init'), str(tmp_path)), nprocs=2, join=True)
+    got = torch.load(tmp_path / 'grads.pt', weights_only=True)
+    torch.manual_seed(0)
+    model = models.create_model('CLIP_TINY').double()
+    _engine(model, 'CLIP_TINY').forward_backward([_batch('CLIP_TINY', 16)])
+    assert got['finite']
+    for n, p in model.named_parameters():
+        assert got['grads'][n] is not None, n
+        torch.testing.assert_close(got['grads'][n], p.grad, rtol=RTOL, atol=1e-14, msg=n)
