@@ -33,7 +33,7 @@ BF16_PEAK_TFLOPS = {'H200': 989.5, 'H100': 989.5, 'A100': 312.0, 'L40S': 362.0, 
 
 def get_args_parser():
     p = argparse.ArgumentParser('SLIP benchmarks', add_help=False)
-    p.add_argument('mode', choices=['train', 'data'])
+    p.add_argument('mode', choices=['train', 'head', 'data'])
     p.add_argument('--model', default='SLIP_VITB16')
     p.add_argument('--batch-size', default=8, type=int)
     p.add_argument('--precision', default=None, choices=utils.PRECISIONS, help='default: the device\'s default')
@@ -50,6 +50,9 @@ def get_args_parser():
                    help='--update-freq K micro-batches of --batch-size B against one batch of K x B, interleaved')
     p.add_argument('--grad-checkpointing', action='store_true')
     p.add_argument('--peak-tflops', default=None, type=float, help='bf16 peak for MFU (default: by GPU name)')
+    p.add_argument('--head-batches', default='512,1024,2048', help='head mode: accumulated batch sizes to measure')
+    p.add_argument('--memory-gb', default=139.0, type=float,
+                   help='head mode: device memory to fit the head and loss step into (default: one H200)')
     p.add_argument('--dataset', default='yfcc15m')
     p.add_argument('--root', default='/tmp/yfcc_bench')
     p.add_argument('--metadata', default='/tmp/yfcc_bench/yfcc.pkl')
@@ -220,6 +223,52 @@ def bench_train(args, device):
     return rows
 
 
+def bench_head(args, device):
+    """Memory and time of exact accumulation's once-per-step part: the head (temperature, BatchNorm SSL head) and the
+    loss, forward and backward, on N kept tower outputs. Its memory grows with N (head activations) and N^2 (the
+    logits), so it, not the micro-batch, bounds the largest global batch; a quadratic fit extrapolates to
+    ``--memory-gb``."""
+    import losses
+    model = models.create_model(args.model).to(device).train()
+    spec = models.get_spec(args.model)
+    with torch.no_grad(), utils.autocast(args.precision, device):
+        shapes = {k: (v.shape[1:], v.dtype) for k, v in model.towers(synthetic_batch(spec, 2, device)).items()}
+    criterion = losses.get_loss(args.model)
+    rows = []
+    for n in [int(x) for x in args.head_batches.split(',')]:
+        g = torch.Generator(device=device).manual_seed(n)
+        kept = {k: torch.randn(n, *s, generator=g, device=device).to(dt).requires_grad_() for k, (s, dt) in
+                shapes.items()}
+        _sync(device)
+        if device.type == 'cuda':
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+        with _PeakRSS() as rss:
+            t = time.perf_counter()
+            with utils.autocast(args.precision, device):
+                loss = criterion(model.head(kept))['loss']
+            loss.backward()
+            _sync(device)
+            seconds = time.perf_counter() - t
+        used = (torch.cuda.max_memory_allocated(device) - base) / 2 ** 30 if device.type == 'cuda' else \
+            rss.peak_gb - rss.start_gb
+        model.zero_grad(set_to_none=True)
+        del kept, loss
+        rows.append({'mode': 'head', 'model': args.model, 'config': f'N={n}', 'batch_size': n,
+                     'precision': args.precision, 'device': str(device), 'step_s_median': seconds,
+                     'samples_per_s': n / seconds, 'head_memory_gb': used})
+    if len(rows) >= 3:  # memory = a + b N + c N^2, through the measured points
+        ns = np.array([r['batch_size'] for r in rows], dtype=np.float64)
+        c, b, a = np.polyfit(ns, [r['head_memory_gb'] for r in rows], 2)
+        roots = np.roots([c, b, a - args.memory_gb])
+        fit = max((float(r.real) for r in roots if abs(r.imag) < 1e-9 and r.real > 0), default=float('nan'))
+        print(f'head+loss memory ~ {a:.3g} + {b * 1e3:.3g}e-3 N + {c * 1e6:.3g}e-6 N^2 GB; '
+              f'{args.memory_gb:g} GB holds N ~ {fit:.0f}')
+        for r in rows:
+            r['largest_batch_for_memory_gb'] = fit
+    return rows
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Input pipeline
 # ----------------------------------------------------------------------------------------------------------------
@@ -315,7 +364,7 @@ def main(args):
     else:
         device = utils.resolve_device(args.device)
         args.precision = args.precision or utils.default_precision(device)
-        rows = bench_train(args, device)
+        rows = bench_head(args, device) if args.mode == 'head' else bench_train(args, device)
     print_rows(rows)
     return rows
 

@@ -42,6 +42,9 @@ def get_args_parser():
     a('--model', default='SLIP_VITB16', type=str, help=f'one of {", ".join(models.MODELS)}')
     a('--ssl-mlp-dim', default=None, type=int, help='SimCLR head hidden width (default 4096; 256 for *_TINY)')
     a('--ssl-emb-dim', default=None, type=int, help='SimCLR head output width (default 256; 64 for *_TINY)')
+    a('--ssl-head-norm', default='syncbn', choices=['syncbn', 'bn', 'ln', 'none'],
+      help='normalisation in the SimCLR head: BatchNorm synchronised across GPUs (the original, default), BatchNorm '
+           'with per-GPU statistics, LayerNorm or none (no batch statistics; ln/none change the head\'s keys)')
     a('--ssl-scale', default=1.0, type=float, help='weight of the SimCLR loss in SLIP: clip_loss + scale * ssl_loss')
     a('--ssl-temp', default=0.1, type=float, help='softmax temperature of the SimCLR loss')
     a('--legacy-clip-gather', action='store_true',
@@ -116,10 +119,12 @@ def resolve_args(args, device):
 
 def build_model(args, device):
     """The bare model on ``device``; the engine wraps it in DDP and torch.compile."""
-    model = models.create_model(args.model, args.ssl_mlp_dim, args.ssl_emb_dim).to(device)
+    norm = 'bn' if args.ssl_head_norm == 'syncbn' else args.ssl_head_norm
+    model = models.create_model(args.model, args.ssl_mlp_dim, args.ssl_emb_dim, ssl_head_norm=norm).to(device)
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    if args.distributed and device.type == 'cuda':  # SyncBatchNorm needs CUDA; on CPU each rank keeps its own BN
+    # SyncBatchNorm needs CUDA; on CPU each rank keeps its own BN statistics
+    if args.ssl_head_norm == 'syncbn' and args.distributed and device.type == 'cuda':
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model
 

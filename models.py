@@ -148,14 +148,22 @@ class Transformer(nn.Module):
         return x
 
 
-def _build_mlp(in_dim: int, mlp_dim: int, out_dim: int) -> nn.Sequential:
-    """SimCLR projection head. Plain BatchNorm1d: main.py converts it to SyncBatchNorm in multi-GPU runs."""
+SSL_HEAD_NORMS = ('bn', 'ln', 'none')
+
+
+def _build_mlp(in_dim: int, mlp_dim: int, out_dim: int, norm: str = 'bn') -> nn.Sequential:
+    """SimCLR projection head. ``norm`` 'bn' (the original; main.py converts it to SyncBatchNorm in multi-GPU runs),
+    'ln' (LayerNorm: no batch statistics) or 'none'; the layers keep the names bn1/bn2 (only 'bn' has the released
+    checkpoints' keys)."""
+    if norm not in SSL_HEAD_NORMS:
+        raise ValueError(f'SSL head norm {norm!r}: expected one of {SSL_HEAD_NORMS}')
+    make = {'bn': nn.BatchNorm1d, 'ln': nn.LayerNorm, 'none': lambda dim: nn.Identity()}[norm]
     return nn.Sequential(OrderedDict([
         ('layer1', nn.Linear(in_dim, mlp_dim)),
-        ('bn1', nn.BatchNorm1d(mlp_dim)),
+        ('bn1', make(mlp_dim)),
         ('relu1', nn.ReLU(inplace=True)),
         ('layer2', nn.Linear(mlp_dim, mlp_dim)),
-        ('bn2', nn.BatchNorm1d(mlp_dim)),
+        ('bn2', make(mlp_dim)),
         ('relu2', nn.ReLU(inplace=True)),
         ('layer3', nn.Linear(mlp_dim, out_dim)),
     ]))
@@ -311,11 +319,11 @@ class SIMCLR(nn.Module):
     """Image-only SimCLR. forward(batch) -> {'aug1_embed', 'aug2_embed'}."""
 
     def __init__(self, vision_width: int, vision_model: nn.Module, ssl_mlp_dim: int, ssl_emb_dim: int,
-                 fuse_views: bool = True, **kwargs):
+                 fuse_views: bool = True, ssl_head_norm: str = 'bn', **kwargs):
         super().__init__()
         self.vision_width = vision_width
         self.visual = vision_model
-        self.image_mlp = _build_mlp(vision_width, ssl_mlp_dim, ssl_emb_dim)
+        self.image_mlp = _build_mlp(vision_width, ssl_mlp_dim, ssl_emb_dim, ssl_head_norm)
         self.fuse_views = fuse_views
         self.class_token_only = True  # the ViT's last block computes the class token alone
 
@@ -345,9 +353,9 @@ class SIMCLR(nn.Module):
 class SLIP(CLIP):
     """CLIP plus a SimCLR head on the image backbone. forward(batch) with image, text, aug1 and aug2."""
 
-    def __init__(self, ssl_mlp_dim: int, ssl_emb_dim: int, **kwargs):
+    def __init__(self, ssl_mlp_dim: int, ssl_emb_dim: int, ssl_head_norm: str = 'bn', **kwargs):
         super().__init__(**kwargs)
-        self.image_mlp = _build_mlp(self.vision_width, ssl_mlp_dim, ssl_emb_dim)
+        self.image_mlp = _build_mlp(self.vision_width, ssl_mlp_dim, ssl_emb_dim, ssl_head_norm)
 
     def towers(self, batch) -> Dict[str, torch.Tensor]:
         """Image and text embeddings, and the SimCLR views' backbone features (before the SSL head)."""
@@ -414,6 +422,8 @@ def _make(family: str, tower, text: Optional[dict], ssl_mlp_dim: int, ssl_emb_di
     args = dict(vision_width=tower[2], vision_model=_vit(tower), ssl_mlp_dim=ssl_mlp_dim, ssl_emb_dim=ssl_emb_dim)
     if family != 'simclr':
         args.update(text)
+    if family == 'clip':
+        kwargs.pop('ssl_head_norm', None)  # CLIP has no SSL head
     return FAMILY_CLASSES[family](**args, **kwargs)
 
 

@@ -165,3 +165,15 @@ def test_two_ranks_accumulating_2x4_equal_one_process_batch_16(tmp_path):
     for n, p in model.named_parameters():
         assert got['grads'][n] is not None, n
         torch.testing.assert_close(got['grads'][n], p.grad, rtol=RTOL, atol=1e-14, msg=n)
+
+
+def test_exact_accumulation_with_a_layernorm_ssl_head_equals_one_big_batch():
+    """--ssl-head-norm ln: a head without batch statistics (and without running buffers) accumulates exactly too."""
+    torch.manual_seed(0)
+    a = models.create_model('SIMCLR_TINY', ssl_head_norm='ln').double()
+    b = copy.deepcopy(a)
+    assert isinstance(a.image_mlp.bn1, torch.nn.LayerNorm)
+    data = _batch('SIMCLR_TINY', 16)
+    metrics, _ = _engine(a, 'SIMCLR_TINY', update_freq=2).forward_backward(data.chunk(2))
+    ref, _ = _engine(b, 'SIMCLR_TINY').forward_backward([data])
+    _assert_same_training(a, b, metrics['loss'], ref['loss'])

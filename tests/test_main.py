@@ -224,3 +224,18 @@ def test_torchrun_two_gloo_processes(tmp_path):
     lines = [json.loads(x) for x in (out / 'log.txt').read_text().splitlines()]
     assert len(lines) == 1 and 'test_acc1' in lines[0]
     assert utils.load_checkpoint(str(out / 'checkpoint.pt'))['epoch'] == 1
+
+
+@pytest.mark.parametrize('norm', ['ln', 'none'])
+def test_ssl_head_norm_option_trains_and_its_checkpoint_evaluates(tmp_path, norm):
+    import eval_zeroshot
+    stats = main_script.main(tiny_args(tmp_path, 'SLIP_TINY', '--epochs', 1, '--ssl-head-norm', norm,
+                                       '--eval-dataset', 'none'))
+    assert math.isfinite(stats['train_ssl_loss'])
+    model, ckpt = eval_zeroshot.load_model(str(tmp_path / 'checkpoint.pt'), torch.device('cpu'))  # strict load
+    head = {k for k in ckpt['state_dict'] if k.startswith('image_mlp.')}
+    if norm == 'ln':
+        assert {'image_mlp.bn1.weight', 'image_mlp.bn1.bias'} <= head and 'image_mlp.bn1.running_mean' not in head
+        assert isinstance(model.image_mlp.bn1, torch.nn.LayerNorm)
+    else:
+        assert not any('.bn' in k for k in head) and isinstance(model.image_mlp.bn1, torch.nn.Identity)
