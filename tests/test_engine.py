@@ -139,28 +139,42 @@ def test_nonfinite_step_is_skipped_and_counted_then_stops(monkeypatch, exact):
 # ----------------------------------------------------------------------------------------------------------------
 # 2 gloo processes x 2 micro-batches of 4 against one process with a batch of 16
 # ----------------------------------------------------------------------------------------------------------------
+DIST_CASES = {'CLIP_TINY': {}, 'SLIP_TINY': {'ssl_head_norm': 'ln'}}  # CPU ranks share no BatchNorm statistics
+
+
 def _dist_worker(rank, world_size, init_file, out_dir):
     dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world_size)
     try:
-        torch.manual_seed(0)
-        model = models.create_model('CLIP_TINY').double()
-        eng = _engine(model, 'CLIP_TINY', update_freq=2, distributed=True)
-        local = _batch('CLIP_TINY', 16).chunk(world_size)[rank]
-        metrics, finite = eng.forward_backward(local.chunk(2))
+        results = {}
+        for name, kw in DIST_CASES.items():
+            torch.manual_seed(0)
+            model = models.create_model(name, **kw).double()
+            eng = _engine(model, name, update_freq=2, distributed=True)
+            local = _batch(name, 16).chunk(world_size)[rank]
+            metrics, finite = eng.forward_backward(local.chunk(2))
+            results[name] = {'grads': {n: p.grad for n, p in model.named_parameters()}, 'finite': finite}
         if rank == 0:
-            torch.save({'grads': {n: p.grad for n, p in model.named_parameters()}, 'finite': finite},
-                       os.path.join(out_dir, 'grads.pt'))
+            torch.save(results, os.path.join(out_dir, 'grads.pt'))
     finally:
         dist.destroy_process_group()
 
 
+@pytest.fixture(scope='module')
+def dist_grads(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp('engine_dist')
+    mp.spawn(_dist_worker, args=(2, str(tmp / 'init'), str(tmp)), nprocs=2, join=True)
+    return torch.load(tmp / 'grads.pt', weights_only=True)
+
+
 @pytest.mark.dist
-def test_two_ranks_accumulating_2x4_equal_one_process_batch_16(tmp_path):
-    mp.spawn(_dist_worker, args=(2, str(tmp_path / 'init'), str(tmp_path)), nprocs=2, join=True)
-    got = torch.load(tmp_path / 'grads.pt', weights_only=True)
+@pytest.mark.parametrize('name', list(DIST_CASES))
+def test_two_ranks_accumulating_2x4_equal_one_process_batch_16(dist_grads, name):
+    """DDP over 2 gloo processes with exact accumulation: every parameter's gradient (towers through the replayed
+    micro-batches, head and logit_scale through the last one) equals one process's with the whole batch."""
+    got = dist_grads[name]
     torch.manual_seed(0)
-    model = models.create_model('CLIP_TINY').double()
-    _engine(model, 'CLIP_TINY').forward_backward([_batch('CLIP_TINY', 16)])
+    model = models.create_model(name, **DIST_CASES[name]).double()
+    _engine(model, name).forward_backward([_batch(name, 16)])
     assert got['finite']
     for n, p in model.named_parameters():
         assert got['grads'][n] is not None, n

@@ -67,8 +67,9 @@ def test_main_trains_each_family_and_writes_outputs(tmp_path, model):
     assert os.listdir(tmp_path / 'tensorboard')
 
 
-def test_device_augment_trains(tmp_path):
-    stats = main_script.main(tiny_args(tmp_path, 'SLIP_TINY', '--device-augment', '--epochs', 1))
+def test_device_augment_trains_with_exact_accumulation(tmp_path):
+    stats = main_script.main(tiny_args(tmp_path, 'SLIP_TINY', '--device-augment', '--epochs', 1, '--batch-size', 4,
+                                       '--update-freq', 2))
     assert stats['epoch'] == 0 and torch.isfinite(torch.tensor(stats['train_loss']))
 
 
