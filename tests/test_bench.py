@@ -39,3 +39,10 @@ def test_data_compare_on_generated_yfcc_archives(tmp_path):
     assert all(r['samples_per_s'] > 0 and r['num_samples'] == 8 for r in rows)
     assert rows[0]['device_ms_per_sample'] is None and rows[2]['device_ms_per_sample'] > 0
     assert (tmp_path / 'images' / '00' / '000.zip').exists()
+
+
+def test_head_mode_measures_each_accumulated_batch_and_fits_the_largest(capsys):
+    rows = bench.main(parse('head', '--model', 'SLIP_TINY', '--head-batches', '64,128,256', '--device', 'cpu',
+                            '--precision', 'fp32', '--memory-gb', 1))
+    assert [r['batch_size'] for r in rows] == [64, 128, 256] and all(r['mode'] == 'head' for r in rows)
+    assert all(r['step_s_median'] > 0 for r in rows) and 'GB holds N ~' in capsys.readouterr().out
