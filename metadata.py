@@ -334,14 +334,16 @@ def write_cache(target: str, compact: CompactMetadata, key: dict) -> None:
 
 
 def _verify_crc(f, end: int, expected: int) -> None:
-    f.seek(0)
-    crc, left, buf = 0, end, bytearray(1 << 24)  # read() rather than the mapping: no page enters this process
-    view = memoryview(buf)
-    while left > 0:
-        got = f.readinto(view[:min(left, len(buf))])
-        if not got:
-            raise CacheRejected('shorter than its header says')
-        crc, left = zlib.crc32(view[:got], crc), left - got
+    f.seek(_ALIGN)
+    # read() into an anonymous mapping rather than through the file's mapping: neither the file's pages nor the
+    # buffer stay in this process (a heap buffer this size could stay behind in malloc's free lists)
+    crc, left, buf = 0, end - _ALIGN, mmap.mmap(-1, 1 << 24)
+    with buf, memoryview(buf) as view:
+        while left > 0:
+            got = f.readinto(view[:min(left, len(buf))])
+            if not got:
+                raise CacheRejected('shorter than its header says')
+            crc, left = zlib.crc32(view[:got], crc), left - got
     if crc != expected:
         raise CacheRejected('checksum mismatch (corrupt)')
 
@@ -446,4 +448,14 @@ def load_metadata(dataset: str, path: str, cache_dir: Optional[str] = None) -> C
             logger.warning('cannot write the metadata cache %s (%s): holding %s in memory', target, e, path)
             return compact
         del compact
+        _release_freed_memory()
         return open_cache(target, key, verify=False)
+
+
+def _release_freed_memory() -> None:
+    """Hand the parse's freed heap back to the OS (glibc keeps it otherwise); a no-op elsewhere."""
+    try:
+        import ctypes
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
