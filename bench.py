@@ -337,7 +337,9 @@ def metadata_memory_child(impl, root, pkl, cache, seconds, workers=2):
         pid = os.fork()
         if pid == 0:
             os.close(read)
-            os.write(write, json.dumps(_read_records(ds, order[w::workers], seconds)).encode())
+            samples = _read_records(ds, order[w::workers], seconds)
+            time.sleep(1)  # stay mapped while the others take their last sample: shared pages stay shared
+            os.write(write, json.dumps(samples).encode())
             os._exit(0)
         os.close(write)
         pipes.append((pid, read))

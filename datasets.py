@@ -13,6 +13,9 @@ Downstream datasets are described by ``dataset_catalog.json`` entries ``{"path",
 ``imagefolder``, ``filelist`` (``<split>_images.npy`` / ``<split>_labels.npy``), ``special`` (torchvision's
 CIFAR-10/100, STL-10 and MNIST, read from local files only) or ``demo`` (the generated demo set).
 
+The metadata of the five SLIP formats is read (without running code), validated and held as flat arrays by
+metadata.py; with ``args.metadata_cache`` it is parsed once per node and memory-mapped by every process.
+
 References: SLIP ``datasets.py`` (formats, §3 of docs/SLIP_REFERENCE.md); the views are in augment.py.
 """
 import io

@@ -354,6 +354,8 @@ def open_cache(target: str, key: Optional[dict], verify: bool = True) -> Compact
         f = open(target, 'rb')
     except FileNotFoundError as e:
         raise CacheRejected('not built yet') from e
+    except OSError as e:
+        raise CacheRejected(f'cannot be opened ({e})') from e
     with f:
         size = os.fstat(f.fileno()).st_size
         if size < _ALIGN + _TRAILER.size or f.read(len(_MAGIC)) != _MAGIC:
