@@ -1,6 +1,9 @@
 """bench.py runs both modes and reports comparable figures (timings themselves are not asserted)."""
 import argparse
 import json
+import os
+
+import pytest
 
 import bench
 
@@ -29,3 +32,14 @@ def test_data_compare_on_generated_yfcc_archives(tmp_path):
     assert all(r['samples_per_s'] > 0 and r['num_samples'] == 8 for r in rows)
     assert rows[0]['device_ms_per_sample'] is None and rows[2]['device_ms_per_sample'] > 0
     assert (tmp_path / 'images' / '00' / '000.zip').exists()
+
+
+@pytest.mark.slow  # three fresh interpreters
+def test_metadata_memory_mode_compares_python_lists_and_compact_cache(tmp_path):
+    rows = bench.main(parse('data', '--metadata-memory', '--root', tmp_path, '--metadata', tmp_path / 'yfcc15m.pkl',
+                            '--metadata-records', 3000, '--worker-seconds', 0.5, '--forked-workers', 2))
+    assert [r['config'] for r in rows] == ['python_lists', 'compact_cold_cache', 'compact_warm_cache']
+    assert all(r['records'] == 3000 and r['build_s'] > 0 and r['worker_records_read'] > 0 for r in rows)
+    assert all(len(r['worker_trace']) == 2 for r in rows)  # one trace per forked worker
+    assert rows[0]['cache_file_B_per_record'] is None and rows[2]['cache_file_B_per_record'] > 100
+    assert [p for p in os.listdir(tmp_path / 'metadata_cache') if p.endswith('.slipmeta')]
