@@ -196,7 +196,7 @@ def _int_column(values, n: int, path: str, what: str) -> np.ndarray:
     try:
         return np.fromiter(values, np.int64, n)
     except OverflowError as e:
-        raise ValueError(f'{path}: an {what} does not fit in 64 bits ({e})') from e
+        raise ValueError(f'{path}: a {what} does not fit in 64 bits ({e})') from e
 
 
 class CompactMetadata:

@@ -3,8 +3,10 @@ truncated or corrupt files refused, atomic writes), pickles refused when they wo
 bitwise the same as from the Python records."""
 import io
 import json
+import multiprocessing
 import os
 import pickle
+import time
 import zipfile
 
 import numpy as np
@@ -156,6 +158,42 @@ def test_damaged_cache_file_is_rejected_and_rebuilt(tmp_path, monkeypatch, damag
     assert len(calls) == 1 and [rebuilt[i] for i in range(len(rebuilt))] == expected
     metadata.open_cache(target, metadata.source_key('yfcc15m', path))  # the rebuilt file is accepted
 
+
+def _build_in_child(path, cache, log, out):
+    real = metadata.parse_metadata
+
+    def slow_logged_parse(dataset, p):
+        with open(log, 'a') as f:
+            f.write('parse\n')
+        time.sleep(0.5)  # a wide window for the other process to race in
+        return real(dataset, p)
+    metadata.parse_metadata = slow_logged_parse
+    compact = metadata.load_metadata('yfcc15m', path, cache)
+    with open(out, 'w') as f:
+        json.dump([compact.origin, [list(compact[i]) for i in range(len(compact))]], f)
+
+
+def test_racing_processes_parse_once_and_share_one_cache_file(tmp_path):
+    path, cache, log = _yfcc(tmp_path), str(tmp_path / 'cache'), str(tmp_path / 'parses.log')
+    ctx = multiprocessing.get_context('fork')
+    procs = [ctx.Process(target=_build_in_child, args=(path, cache, log, str(tmp_path / f'out{k}.json')))
+             for k in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    results = [json.loads((tmp_path / f'out{k}.json').read_text()) for k in range(3)]
+    assert open(log).read() == 'parse\n'  # one process parsed; the others waited and mapped its file
+    assert results[0][0] is not None and all(r == results[0] for r in results)
+    assert len(_cache_files(cache)) == 1
+
+
+def test_an_id_too_large_for_64_bits_fails_naming_the_file(tmp_path):
+    path = tmp_path / 'huge.pkl'
+    path.write_bytes(pickle.dumps([(2 ** 70, 'title', 'desc')]))
+    with pytest.raises(ValueError, match=r'huge\.pkl: a photo_id does not fit in 64 bits'):
+        metadata.load_metadata('yfcc15m', str(path))
 
 def test_failed_cache_write_leaves_the_previous_file_and_no_temporary(tmp_path, monkeypatch):
     path, cache = _yfcc(tmp_path), str(tmp_path / 'cache')
