@@ -369,19 +369,21 @@ def open_cache(target: str, key: Optional[dict], verify: bool = True) -> Compact
             header = json.loads(f.read(header_len))
         except ValueError as e:
             raise CacheRejected(f'unreadable header ({e})') from e
+        if not isinstance(header, dict) or not isinstance(header.get('arrays'), dict):
+            raise CacheRejected('header without an array table')
         if key is not None and header.get('key') != key:
             raise CacheRejected(f'stale: made from {header.get("key")}, the source is now {key}')
         if verify:
-            _verify_crc(f, header_at, header['crc32'])
+            _verify_crc(f, header_at, header.get('crc32'))
         mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    arrays = {}
-    for name, e in header['arrays'].items():
-        dtype, count = np.dtype(e['dtype']), int(np.prod(e['shape'], dtype=np.int64))
-        if e['offset'] < _ALIGN or e['offset'] + count * dtype.itemsize > header_at:
-            raise CacheRejected(f'array {name} lies outside the data region')
-        arrays[name] = np.frombuffer(mapped, dtype, count, e['offset']).reshape(e['shape']) if count else \
-            np.zeros(e['shape'], dtype)
     try:
+        arrays = {}
+        for name, e in header['arrays'].items():
+            dtype, count = np.dtype(e['dtype']), int(np.prod(e['shape'], dtype=np.int64))
+            if e['offset'] < _ALIGN or e['offset'] + count * dtype.itemsize > header_at:
+                raise ValueError(f'array {name} lies outside the data region')
+            arrays[name] = np.frombuffer(mapped, dtype, count, e['offset']).reshape(e['shape']) if count else \
+                np.zeros(e['shape'], dtype)
         compact = CompactMetadata(header['dataset'], arrays, header['per'], origin=target, key=header['key'])
         _check_structure(compact)
     except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
