@@ -136,7 +136,7 @@ def test_cache_is_rebuilt_when_the_source_changes(tmp_path, monkeypatch):
     assert len(calls) == 3 and len(_cache_files(cache)) == 1  # replaced in place, not one file per version
 
 
-@pytest.mark.parametrize('damage', ['truncate', 'flip_a_byte', 'garbage'])
+@pytest.mark.parametrize('damage', ['truncate', 'flip_a_byte', 'garbage', 'header'])
 def test_damaged_cache_file_is_rejected_and_rebuilt(tmp_path, monkeypatch, damage):
     path, cache = _yfcc(tmp_path), str(tmp_path / 'cache')
     good = metadata.load_metadata('yfcc15m', path, cache)
@@ -147,8 +147,11 @@ def test_damaged_cache_file_is_rejected_and_rebuilt(tmp_path, monkeypatch, damag
         data = data[:len(data) - 10]
     elif damage == 'flip_a_byte':
         data[metadata._ALIGN + 3] ^= 0xFF  # inside the first array
-    else:
+    elif damage == 'garbage':
         data = b'\0' * len(data)
+    else:  # a well-formed file whose JSON header is not a header
+        at, length, _ = metadata._TRAILER.unpack(bytes(data[-metadata._TRAILER.size:]))
+        data[at:at + length] = b'[]'.ljust(length)
     with open(target, 'wb') as f:
         f.write(data)
     with pytest.raises(metadata.CacheRejected):
