@@ -340,3 +340,28 @@ def test_training_batches_are_bitwise_those_of_the_python_records(tmp_path, monk
     for got in (batches(str(tmp_path / 'cache'), False), batches(str(tmp_path / 'cache'), False),
                 batches(None, False)):
         assert len(got) == len(expected) and all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+@pytest.mark.slow  # two short training runs
+def test_short_training_run_ends_with_bitwise_the_weights_of_the_python_records(tmp_path, monkeypatch):
+    import argparse
+    import main as main_script
+    import utils
+    path = _yfcc_with_images(tmp_path)
+
+    def train(out, cache, python_lists):
+        if python_lists:  # how MetadataSource held the records before: parse_metadata's list
+            monkeypatch.setattr(metadata, 'load_metadata', lambda d, p, c=None: metadata.parse_metadata(d, p))
+        argv = ['--dataset', 'yfcc15m', '--root', tmp_path, '--metadata', path, '--metadata-cache', cache,
+                '--model', 'SLIP_TINY', '--batch-size', 4, '--epochs', 2, '--workers', 2, '--precision', 'fp32',
+                '--eval-dataset', 'none', '--output-dir', tmp_path / out, '--warmup-epochs', 1, '--lr', 1e-3]
+        args = argparse.ArgumentParser(parents=[main_script.get_args_parser()]).parse_args([str(a) for a in argv])
+        os.makedirs(args.output_dir)
+        main_script.main(args)
+        monkeypatch.undo()
+        return utils.load_checkpoint(str(tmp_path / out / 'checkpoint.pt'))['state_dict']
+
+    before = train('python', 'none', True)
+    after = train('compact', str(tmp_path / 'cache'), False)
+    assert os.listdir(tmp_path / 'cache') and before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
