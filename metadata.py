@@ -62,9 +62,16 @@ def _numpy_globals() -> Dict[Tuple[str, str], Any]:
     return allowed
 
 
+def _latin1_encode(text: str, encoding: str = 'latin1') -> bytes:
+    """How protocol-2 pickles spell bytes: ``_codecs.encode(text, 'latin1')``; no other codec is reachable."""
+    if encoding not in ('latin1', 'latin-1'):
+        raise pickle.UnpicklingError(f'the pickle asks for codec {encoding!r}; only latin1 spells bytes')
+    return codecs.encode(text, 'latin1')
+
+
 _ALLOWED_GLOBALS = {**_numpy_globals(), **{('builtins', n): getattr(builtins, n)
                                            for n in ('set', 'frozenset', 'bytearray', 'complex')},
-                    ('_codecs', 'encode'): codecs.encode}  # how protocol-2 pickles spell bytes
+                    ('_codecs', 'encode'): _latin1_encode}
 
 
 class RestrictedUnpickler(pickle.Unpickler):
