@@ -269,6 +269,12 @@ def test_metadata_carrying_a_payload_is_refused_and_not_run(tmp_path, name):
     assert not os.path.exists(marker)
 
 
+def test_only_latin1_bytes_are_admitted_through_codecs(tmp_path):
+    path = tmp_path / 'yfcc15m.pkl'
+    path.write_bytes(b"c_codecs\nencode\n(Vabc\nVrot13\ntR.")  # protocol 0: _codecs.encode('abc', 'rot13')
+    with pytest.raises(ValueError, match=r"yfcc15m\.pkl: cannot read it as .*codec 'rot13'"):
+        metadata.parse_metadata('yfcc15m', str(path))
+
 def _npy_with_payload(path, array, payload):
     with open(path, 'wb') as f:
         np.lib.format.write_array_header_1_0(f, np.lib.format.header_data_from_array_1_0(array))
