@@ -12,6 +12,12 @@ Input pipeline (read, decode, all views, tokenize) in one process, on YFCC-layou
 unfused attention; in `data`, a zip archive reopened per sample and float views made in the worker); `--compare` runs
 both in one process, interleaved, and prints the ratio. `data --device-augment` adds main.py's --device-augment.
 Each configuration prints a table row and one JSON line (`samples_per_s`, `step_s_median`, ...).
+
+Metadata memory (Python lists as before vs compact arrays memory-mapped from the cache, each in a fresh process):
+    python bench.py data --metadata-memory --root /tmp/meta_bench --metadata /tmp/meta_bench/yfcc15m.pkl \
+        --metadata-records 1000000 --worker-seconds 25
+prints the private memory that building the dataset adds per record, the build time, and the private memory that an
+os.fork()ed worker gains while it looks up records and picks their captions as `__getitem__` does (no images).
 """
 import argparse
 import io
@@ -62,6 +68,13 @@ def get_args_parser():
     p.add_argument('--fixture-archive-size', default=1000, type=int, help='photos per zip (YFCC: 1000)')
     p.add_argument('--device-augment', action='store_true',
                    help='data mode: also measure main.py --device-augment (SimCLR colour/blur on --device)')
+    p.add_argument('--metadata-memory', action='store_true',
+                   help='data mode: memory and build time of the metadata alone, Python lists vs compact arrays with '
+                        'a cold and a warm cache, on a generated yfcc15m.pkl (--metadata)')
+    p.add_argument('--metadata-records', default=1_000_000, type=int, help='records of the generated yfcc15m.pkl')
+    p.add_argument('--worker-seconds', default=25.0, type=float, help='how long a forked worker reads records')
+    p.add_argument('--forked-workers', default=2, type=int, help='workers reading records at the same time')
+    p.add_argument('--metadata-cache', default=None, help='cache folder (default: <root>/metadata_cache)')
     p.add_argument('--seed', default=0, type=int)
     return p
 
@@ -345,12 +358,149 @@ def bench_data(args):
             for name, _, _ in configs]
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Metadata memory
+# ----------------------------------------------------------------------------------------------------------------
+WORDS = ('sunset beach mountain river city street night light tree flower dog cat bird sky cloud lake road bridge '
+         'house garden park snow winter summer autumn spring old new red blue green morning evening family friend '
+         'wedding party concert museum church castle train station market festival portrait window door').split()
+
+
+def private_memory():
+    """Private_Clean + Private_Dirty and Private_Dirty of this process, in bytes (/proc/self/smaps_rollup).
+
+    Private_Dirty is memory only this process holds (its own heap, copied-on-write pages). Private_Clean also
+    counts file pages (shared libraries, the memory-mapped cache) that no other process happens to map right now:
+    page-cache pages, one copy per node, that another process mapping them turns into Shared_Clean."""
+    fields = {}
+    with open('/proc/self/smaps_rollup') as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) == 3 and parts[2] == 'kB':
+                fields[parts[0].rstrip(':')] = int(parts[1]) * 1024
+    return fields['Private_Clean'] + fields['Private_Dirty'], fields['Private_Dirty']
+
+
+def make_caption_fixture(path, n, seed=0):
+    """A yfcc15m.pkl of n (photo_id, title of 6 words, description of 14 words), as make_dataset.py writes it."""
+    rng = np.random.default_rng(seed)
+    words = np.array(WORDS, dtype=object)
+    records = []
+    for start in range(0, n, 100_000):
+        m = min(100_000, n - start)
+        titles, descs = words[rng.integers(len(WORDS), size=(m, 6))], words[rng.integers(len(WORDS), size=(m, 14))]
+        records += [(10_000_000 + start + k, ' '.join(titles[k]), ' '.join(descs[k])) for k in range(m)]
+    tmp = path + '.tmp'
+    with open(tmp, 'wb') as f:
+        pickle.dump(records, f, protocol=pickle.HIGHEST_PROTOCOL)
+    os.replace(tmp, path)
+
+
+def _read_records(ds, order, seconds):
+    """In a forked worker: what __getitem__ does for the caption (record, captions, the sample's choice), without
+    the image, for ``seconds``; the private memory gained since the fork every 5 s."""
+    import datasets
+    start, start_dirty = private_memory()
+    samples, k, t0 = [], 0, time.perf_counter()
+    deadline, next_sample = t0 + seconds, t0 + 5
+    while True:
+        i = int(order[k % len(order)])
+        record = ds.source.records[i]
+        datasets.pick_caption((record[1], record[2]), ds.maker.rng(i))
+        k += 1
+        now = time.perf_counter()
+        if now >= next_sample or now >= deadline:
+            total, dirty = private_memory()
+            samples.append({'s': round(now - t0, 1), 'private': total - start, 'private_dirty': dirty - start_dirty,
+                            'records_read': k})
+            next_sample += 5
+            if now >= deadline:
+                return samples
+
+
+def metadata_memory_child(impl, root, pkl, cache, seconds, workers=2):
+    """In a fresh process: build the yfcc15m dataset (impl 'python': the records as Python lists, as before; else
+    compact), then fork ``workers`` workers that read records for ``seconds``; prints one JSON line."""
+    import gc
+    import datasets
+    import metadata
+    if impl == 'python':
+        metadata.load_metadata = lambda dataset, path, cache_dir=None: metadata.parse_metadata(dataset, path)
+    tokenizer = utils.Tokenizer()
+    args = argparse.Namespace(dataset='yfcc15m', root=root, metadata=pkl, metadata_cache=cache, model='CLIP_TINY',
+                              seed=0, image_format='uint8')
+    gc.collect()
+    before, before_dirty = private_memory()
+    t = time.perf_counter()
+    ds = datasets.get_train_dataset(args, tokenizer)
+    build_s = time.perf_counter() - t
+    gc.collect()
+    after, after_dirty = private_memory()
+    n = len(ds)
+    order = np.random.default_rng(0).permutation(n)  # a sampler's shuffled epoch, made before the fork (shared)
+    pipes = []
+    for w in range(workers):  # the workers run at the same time, as a DataLoader's do
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(read)
+            samples = _read_records(ds, order[w::workers], seconds)
+            time.sleep(1)  # stay mapped while the others take their last sample: shared pages stay shared
+            os.write(write, json.dumps(samples).encode())
+            os._exit(0)
+        os.close(write)
+        pipes.append((pid, read))
+    worker = []
+    for pid, read in pipes:
+        with os.fdopen(read) as f:
+            worker.append(json.loads(f.read()))
+        os.waitpid(pid, 0)
+    print(json.dumps({'impl': impl, 'records': n, 'build_s': build_s, 'private_per_record': (after - before) / n,
+                      'private_dirty_per_record': (after_dirty - before_dirty) / n, 'worker': worker}))
+
+
+def bench_metadata(args):
+    import subprocess
+    import sys
+    os.makedirs(args.root, exist_ok=True)
+    cache = args.metadata_cache or os.path.join(args.root, 'metadata_cache')
+    if not os.path.exists(args.metadata):
+        make_caption_fixture(args.metadata, args.metadata_records, args.seed)
+    with open(args.metadata, 'rb') as f:  # the source in the page cache for every configuration alike
+        while f.read(1 << 24):
+            pass
+    rows = []
+    for name, impl in (('python_lists', 'python'), ('compact_cold_cache', 'compact'),
+                       ('compact_warm_cache', 'compact')):
+        if name == 'compact_cold_cache' and os.path.isdir(cache):
+            for entry in os.listdir(cache):
+                os.unlink(os.path.join(cache, entry))
+        code = (f'import bench; bench.metadata_memory_child({impl!r}, {args.root!r}, {args.metadata!r}, '
+                f'{cache if impl == "compact" else None!r}, {args.worker_seconds!r}, {args.forked_workers!r})')
+        out = subprocess.run([sys.executable, '-c', code], check=True, capture_output=True, text=True,
+                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout
+        r = json.loads(out.strip().splitlines()[-1])
+        last = [trace[-1] for trace in r['worker']]  # each worker's gain at the end
+        rows.append({'mode': 'data', 'config': name, 'records': r['records'], 'build_s': r['build_s'],
+                     'private_per_record_B': r['private_per_record'],
+                     'private_dirty_per_record_B': r['private_dirty_per_record'],
+                     'worker_private_gain_MB': max(x['private'] for x in last) / 1e6,
+                     'worker_private_dirty_gain_MB': max(x['private_dirty'] for x in last) / 1e6,
+                     'worker_s': last[0]['s'], 'worker_records_read': sum(x['records_read'] for x in last),
+                     'worker_trace': r['worker']})
+    cache_files = [os.path.join(cache, e) for e in os.listdir(cache) if e.endswith('.slipmeta')]
+    size = sum(os.path.getsize(p) for p in cache_files)
+    for r in rows:
+        r['cache_file_B_per_record'] = size / r['records'] if r['config'] != 'python_lists' else None
+    return rows
+
+
 def print_rows(rows):
-    keys = [k for k in rows[0] if k not in ('mode',)]
+    keys = [k for k in rows[0] if k not in ('mode', 'worker_trace')]
     print(' | '.join(keys))
     for r in rows:
         print(' | '.join(f'{r[k]:.4g}' if isinstance(r[k], float) else str(r[k]) for k in keys))
-    if len(rows) >= 2:
+    if len(rows) >= 2 and 'samples_per_s' in rows[0]:
         for r in rows[1:]:
             print(f'speed-up of {r["config"]} over {rows[0]["config"]}: '
                   f'{r["samples_per_s"] / rows[0]["samples_per_s"]:.2f}x')
@@ -359,7 +509,9 @@ def print_rows(rows):
 
 
 def main(args):
-    if args.mode == 'data':
+    if args.mode == 'data' and args.metadata_memory:
+        rows = bench_metadata(args)
+    elif args.mode == 'data':
         rows = bench_data(args)
     else:
         device = utils.resolve_device(args.device)

@@ -14,13 +14,14 @@ Downstream datasets are described by ``dataset_catalog.json`` entries ``{"path",
 ``imagefolder``, ``filelist`` (``<split>_images.npy`` / ``<split>_labels.npy``), ``special`` (torchvision's
 CIFAR-10/100, STL-10 and MNIST, read from local files only) or ``demo`` (the generated demo set).
 
+The metadata of the five SLIP formats is read (without running code), validated and held as flat arrays by
+metadata.py; with ``args.metadata_cache`` it is parsed once per node and memory-mapped by every process.
+
 References: SLIP ``datasets.py`` (formats, §3 of docs/SLIP_REFERENCE.md); the views are in augment.py.
 """
 import io
-import json
 import math
 import os
-import pickle
 import random
 import zipfile
 from contextlib import contextmanager
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFile
 
+import metadata as metadata_lib
 import utils
 from augment import IMAGENET_MEAN, IMAGENET_STD, Batch, build_transforms  # noqa: F401 (re-exported)
 
@@ -236,65 +238,9 @@ class PairMaker:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Pre-training metadata (SLIP_REFERENCE §3.1, §10): parse and validate at construction, fail naming the file
+# Pre-training metadata (SLIP_REFERENCE §3.1, §10): parsed, validated and held flat by metadata.py
 # ----------------------------------------------------------------------------------------------------------------
-def _check(records: Any, path: str, expected: str, ok: Callable[[Any], bool]) -> None:
-    if not isinstance(records, (list, tuple, np.ndarray)) or len(records) == 0:
-        raise ValueError(f'{path}: expected {expected}; got {type(records).__name__} of length '
-                         f'{len(records) if hasattr(records, "__len__") else "?"}')
-    bad = next((k for k, r in enumerate(records) if not ok(r)), None)
-    if bad is not None:
-        raise ValueError(f'{path}: record {bad} is {str(records[bad])[:200]!r}; expected {expected}')
-
-
-def _read(path: str, what: str, kind: str) -> Any:
-    """Load a 'pickle', 'json' or 'npy' metadata file; any failure names the file and what it should hold."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f'metadata file {path!r} not found (expected {what})')
-    try:
-        if kind == 'npy':
-            return np.load(path, allow_pickle=True)
-        with open(path, 'rb') as f:  # the yfcc format is a pickle: only load metadata files you made or trust
-            return pickle.load(f) if kind == 'pickle' else json.load(f)
-    except Exception as e:  # unpickling / json / npy errors of any kind: the file is not what it should be
-        raise ValueError(f'{path}: cannot read it as {what}: {type(e).__name__}: {e}') from e
-
-
-def _str_list(x: Any) -> bool:
-    return isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(c, str) for c in x)
-
-
-def parse_metadata(dataset: str, path: str) -> list:
-    """Read and validate ``path`` as ``dataset``'s metadata; returns one record per image."""
-    if dataset == 'yfcc15m':
-        exp = 'a non-empty list of (photo_id: int, title: str, description: str) tuples (make_dataset.py output)'
-        recs = _read(path, exp, 'pickle')
-        _check(recs, path, exp, lambda r: isinstance(r, (tuple, list)) and len(r) == 3 and isinstance(
-            r[0], (int, np.integer)) and isinstance(r[1], str) and isinstance(r[2], str))
-        return recs
-    if dataset in ('cc3m', 'cc12m'):
-        key = 'image_id' if dataset == 'cc3m' else 'image_name'
-        exp = f"a non-empty npy array of dicts with '{key}' and 'captions' (a non-empty list of str)"
-        recs = _read(path, exp, 'npy')
-        _check(recs, path, exp, lambda r: isinstance(r, dict) and key in r and _str_list(r.get('captions')))
-        return [(str(r[key]), list(r['captions'])) for r in recs]
-    if dataset == 'coco':
-        exp = "a COCO captions json: {'annotations': [{'image_id': int, 'caption': str}, ...]}"
-        data = _read(path, exp, 'json')
-        anns = data.get('annotations') if isinstance(data, dict) else None
-        _check(anns, path, exp, lambda a: isinstance(a, dict) and isinstance(a.get('image_id'), int)
-               and isinstance(a.get('caption'), str))
-        grouped: Dict[int, List[str]] = {}
-        for a in anns:
-            grouped.setdefault(a['image_id'], []).append(a['caption'])
-        return list(grouped.items())
-    if dataset == 'redcaps':
-        exp = "a json list of {'image_id': str, 'subreddit': str, 'caption': str} (redcaps/combine_captions.py)"
-        anns = _read(path, exp, 'json')
-        _check(anns, path, exp, lambda a: isinstance(a, dict) and all(
-            isinstance(a.get(k), str) for k in ('image_id', 'subreddit', 'caption')))
-        return [(a['subreddit'], a['image_id'], a['caption']) for a in anns]
-    raise ValueError(f'unknown pre-training dataset {dataset!r}; expected one of {", ".join(PRETRAIN_DATASETS)}')
+parse_metadata = metadata_lib.parse_metadata  # (dataset, path) -> Python records, validated; errors name the file
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -340,11 +286,18 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
 
 
 class MetadataSource:
-    """The images and captions of one SLIP metadata file (yfcc15m, cc3m, cc12m, coco, redcaps)."""
+    """The images and captions of one SLIP metadata file (yfcc15m, cc3m, cc12m, coco, redcaps).
 
-    def __init__(self, dataset: str, root: str, metadata: str):
+    The records are a ``metadata.CompactMetadata`` (flat arrays, no per-record objects); with ``cache`` (a folder,
+    main.py ``--metadata-cache``) they are parsed once per node and memory-mapped from there.
+    """
+
+    def __init__(self, dataset: str, root: str, metadata: str, cache: Optional[str] = None):
+        if dataset not in metadata_lib.FORMATS:
+            raise ValueError(f'unknown pre-training dataset {dataset!r}; '
+                             f'expected one of {", ".join(PRETRAIN_DATASETS)}')
         self.dataset, self.root = dataset, root
-        self.records = parse_metadata(dataset, metadata)
+        self.records = metadata_lib.load_metadata(dataset, metadata, cache)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -525,8 +478,8 @@ class DemoZeroShotDataset(torch.utils.data.Dataset):
 def get_train_dataset(args: Any, tokenizer: Optional[Callable]) -> torch.utils.data.Dataset:
     """The pre-training dataset named by ``args.dataset`` with the views of ``args.model``'s family.
 
-    Reads args.dataset, root, metadata, model, seed, image_format (default 'float'; see build_transforms),
-    demo_samples (demo) and train_num_samples (wds).
+    Reads args.dataset, root, metadata, metadata_cache (a folder; default none: held in memory), model, seed,
+    image_format (default 'float'; see build_transforms), demo_samples (demo) and train_num_samples (wds).
     Map-style datasets and the wds IterableDataset both have ``set_epoch``; the wds one has ``num_samples``.
     """
     import models
@@ -538,4 +491,5 @@ def get_train_dataset(args: Any, tokenizer: Optional[Callable]) -> torch.utils.d
         return WebDatasetPairs(args.root, getattr(args, 'train_num_samples', None), **common)
     if args.dataset == 'demo':
         return ImageCaptionDataset(DemoSource(getattr(args, 'demo_samples', 20000)), name='demo', **common)
-    return ImageCaptionDataset(MetadataSource(args.dataset, args.root, args.metadata), name=args.dataset, **common)
+    source = MetadataSource(args.dataset, args.root, args.metadata, getattr(args, 'metadata_cache', None))
+    return ImageCaptionDataset(source, name=args.dataset, **common)

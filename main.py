@@ -33,6 +33,9 @@ def get_args_parser():
     a('--dataset', default='yfcc15m', choices=['yfcc15m', 'cc3m', 'cc12m', 'coco', 'redcaps', 'wds', 'demo'])
     a('--root', default='', help='dataset root; for wds the shard pattern, e.g. "shards/{00000..00331}.tar"')
     a('--metadata', default='yfcc15m.pkl', help='metadata file (pickle, npy or json, see README)')
+    a('--metadata-cache', default=os.path.join(os.environ.get('XDG_CACHE_HOME') or '~/.cache', 'slip', 'metadata'),
+      help='folder where the parsed metadata is cached once per node and memory-mapped by every process '
+           '(default: $XDG_CACHE_HOME/slip/metadata or ~/.cache/slip/metadata; none: parse it in every process)')
     a('--train-num-samples', type=int, default=None, help='wds only: samples per epoch over all shards')
     a('--demo-samples', type=int, default=20000, help='demo only: generated image-caption pairs per epoch')
     a('--max-bad-fraction', type=float, default=0.01,

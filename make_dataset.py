@@ -12,7 +12,8 @@ columns), and it is the id the image archives are named by.
 
 Outputs: ``yfcc15m.pkl``, a list of ``(photo_id, title, description)`` with cleaned captions for the downloaded
 images of the subset (``--dataset yfcc15m --metadata yfcc15m.pkl``), and ``yfcc100m.pkl``, the list of every
-downloaded id found in the dump. Both are written atomically.
+downloaded id found in the dump. Both are written atomically. With ``--metadata-cache DIR`` the compact form of
+yfcc15m.pkl is written there too (what main.py ``--metadata-cache DIR`` would otherwise build at its first start).
 """
 import argparse
 import os
@@ -22,6 +23,8 @@ from typing import Iterable, List, Set, Tuple
 from urllib.parse import unquote
 
 import numpy as np
+
+import metadata
 
 _HTML_TAGS = re.compile(r'<a\b[^>]*>|</a>|<b>|</b>|<i>|</i>', re.IGNORECASE)
 _URLS = re.compile(r'(?:http|www)\S*')  # from http/www to the next space, as the original cleaning did
@@ -91,6 +94,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--subset', default='yfcc100m_subset_data.tsv', help="OpenAI's YFCC 15M subset (tsv)")
     parser.add_argument('--metadata', default='yfcc100m_dataset.txt', help='YFCC100M metadata dump (tsv)')
     parser.add_argument('--output-dir', default='./', help='where yfcc15m.pkl and yfcc100m.pkl are written')
+    parser.add_argument('--metadata-cache', default=None,
+                        help="also write yfcc15m.pkl's compact form to this folder (main.py's --metadata-cache)")
     return parser
 
 
@@ -108,6 +113,13 @@ def main(args: argparse.Namespace) -> None:
         captioned, seen = select_captions(f, downloaded, subset, args.metadata)
     _dump(captioned, os.path.join(args.output_dir, 'yfcc15m.pkl'))
     _dump(seen, os.path.join(args.output_dir, 'yfcc100m.pkl'))
+    if args.metadata_cache:
+        out = os.path.join(args.output_dir, 'yfcc15m.pkl')
+        target = metadata.cache_path(args.metadata_cache, 'yfcc15m', out)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        metadata.write_cache(target, metadata.CompactMetadata.from_records('yfcc15m', captioned, out),
+                             metadata.source_key('yfcc15m', out))
+        print(f'=> compact metadata: {target}')
     print(f'=> captioned images: {len(captioned)}; downloaded images in the metadata: {len(seen)}')
 
 

@@ -1,6 +1,9 @@
 """bench.py runs both modes and reports comparable figures (timings themselves are not asserted)."""
 import argparse
 import json
+import os
+
+import pytest
 
 import bench
 
@@ -46,3 +49,14 @@ def test_head_mode_measures_each_accumulated_batch_and_fits_the_largest(capsys):
                             '--precision', 'fp32', '--memory-gb', 1))
     assert [r['batch_size'] for r in rows] == [64, 128, 256] and all(r['mode'] == 'head' for r in rows)
     assert all(r['step_s_median'] > 0 for r in rows) and 'GB holds N ~' in capsys.readouterr().out
+
+
+@pytest.mark.slow  # three fresh interpreters
+def test_metadata_memory_mode_compares_python_lists_and_compact_cache(tmp_path):
+    rows = bench.main(parse('data', '--metadata-memory', '--root', tmp_path, '--metadata', tmp_path / 'yfcc15m.pkl',
+                            '--metadata-records', 3000, '--worker-seconds', 0.5, '--forked-workers', 2))
+    assert [r['config'] for r in rows] == ['python_lists', 'compact_cold_cache', 'compact_warm_cache']
+    assert all(r['records'] == 3000 and r['build_s'] > 0 and r['worker_records_read'] > 0 for r in rows)
+    assert all(len(r['worker_trace']) == 2 for r in rows)  # one trace per forked worker
+    assert rows[0]['cache_file_B_per_record'] is None and rows[2]['cache_file_B_per_record'] > 100
+    assert [p for p in os.listdir(tmp_path / 'metadata_cache') if p.endswith('.slipmeta')]

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import make_dataset
+import metadata
 from redcaps import combine_captions
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,6 +58,16 @@ def test_make_dataset_writes_both_pickles(tmp_path):
         assert pickle.load(f) == [3, 1, 2]
     assert not [p for p in os.listdir(out) if p.endswith('.tmp')]
 
+
+def test_make_dataset_writes_the_compact_form_that_the_loader_then_maps(tmp_path, monkeypatch):
+    ids, subset, meta = _inputs(tmp_path)
+    cache = tmp_path / 'cache'
+    make_dataset.main(make_dataset.get_args_parser().parse_args(
+        ['--ids', str(ids), '--subset', str(subset), '--metadata', str(meta), '--output-dir', str(tmp_path),
+         '--metadata-cache', str(cache)]))
+    monkeypatch.setattr(metadata, 'parse_metadata', lambda *a: pytest.fail('the cache should have been used'))
+    compact = metadata.load_metadata('yfcc15m', str(tmp_path / 'yfcc15m.pkl'), str(cache))
+    assert compact.origin is not None and [compact[0], compact[1]] == [(3, 'Three bold', 'desc'), (1, 'One', '')]
 
 def test_make_dataset_rejects_bad_inputs_naming_them(tmp_path):
     ids, subset, meta = _inputs(tmp_path)
