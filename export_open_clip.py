@@ -6,9 +6,10 @@ Commands:
     python export_open_clip.py --output-dir export/prompts        # only the CLIP_benchmark prompt files
 Then, with no code of this repository:
     open_clip.create_model_and_transforms('local-dir:export/slip_base_100ep')
-    clip_benchmark eval --model local-dir:export/slip_base_100ep --pretrained none --dataset ... --no_amp \
+    clip_benchmark eval --model_type open_clip --model local-dir:export/slip_base_100ep --pretrained none \
+        --dataset wds/NAME --dataset_root DATA --no_amp \
         --custom_classname_file export/slip_base_100ep/clip_benchmark_classnames.json \
-        --custom_template_file export/slip_base_100ep/clip_benchmark_templates.json
+        --custom_template_file export/slip_base_100ep/clip_benchmark_templates.json    (README: the tested command)
 
 The folder holds ``open_clip_config.json`` (``model_cfg`` and ``preprocess_cfg``), ``open_clip_model.safetensors``
 (no pickle) and the two CLIP_benchmark prompt files (labels.json / templates.json in its format: ``{c}`` templates,
