@@ -155,11 +155,18 @@ def resolve_checkpoint(spec: str, progress: bool = True) -> str:
     else:
         raise utils.CheckpointError(f'{spec!r} is not a file, an http(s) URL or a released checkpoint name; '
                                     f'known names: {", ".join(RELEASED)}')
-    if utils.is_dist_avail_and_initialized():
-        path = _fetch(url, progress) if utils.is_main_process() else None
-        utils.barrier()
-        return path or _fetch(url, progress=False)
-    return _fetch(url, progress)
+    if not utils.is_dist_avail_and_initialized():
+        return _fetch(url, progress)
+    path, error = None, None
+    if utils.is_main_process():
+        try:
+            path = _fetch(url, progress)
+        except utils.CheckpointError as e:  # reach the barrier anyway, so the other ranks do not wait forever
+            error = e
+    utils.barrier()
+    if error is not None:
+        raise error
+    return path or _fetch(url, progress=False)
 
 
 def markdown_table() -> str:

@@ -2,6 +2,7 @@
 import http.server
 import os
 import threading
+import types
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self):  # noqa: N802 (http.server's name)
         self.server.requests.append(self.path)
-        data = self.server.payload
+        data = self.server.files.get(self.path, self.server.payload)
         if self.path.startswith('/missing/'):
             self.send_error(404)
             return
@@ -33,16 +34,18 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server(tmp_path):
-    """(base URL, list of requested paths, payload bytes): a tiny checkpoint served from 127.0.0.1."""
+    """A tiny checkpoint served from 127.0.0.1: .url (base URL), .requests (paths asked for), .payload (the bytes),
+    .files (path -> other bytes to serve there)."""
     ckpt = tmp_path / 'fixture.pt'
     torch.save({'state_dict': {'module.w': torch.arange(6.0)}, 'epoch': 3, 'args': {'model': 'CLIP_TINY'}}, ckpt)
     httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), _Handler)
     httpd.timeout = 5
-    httpd.requests, httpd.payload = [], ckpt.read_bytes()
+    httpd.requests, httpd.payload, httpd.files = [], ckpt.read_bytes(), {}
     thread = threading.Thread(target=httpd.serve_forever, kwargs={'poll_interval': 0.05}, daemon=True)
     thread.start()
     try:
-        yield f'http://127.0.0.1:{httpd.server_address[1]}', httpd.requests, httpd.payload
+        yield types.SimpleNamespace(url=f'http://127.0.0.1:{httpd.server_address[1]}', requests=httpd.requests,
+                                    payload=httpd.payload, files=httpd.files)
     finally:
         httpd.shutdown()
         httpd.server_close()
@@ -57,7 +60,7 @@ def cache(tmp_path, monkeypatch):
 
 
 def test_released_name_downloads_once_and_a_cache_hit_makes_no_request(server, cache, monkeypatch):
-    base, requests, payload = server
+    base, requests, payload = server.url, server.requests, server.payload
     monkeypatch.setattr(zoo, 'BASE_URL', f'{base}/slip/')
     path = zoo.resolve_checkpoint('slip_base_100ep', progress=False)
     assert path == str(cache / 'slip_base_100ep.pt')
@@ -72,7 +75,7 @@ def test_released_name_downloads_once_and_a_cache_hit_makes_no_request(server, c
 
 
 def test_url_loads_through_the_safe_funnel_and_prints_progress(server, cache, capsys):
-    base, requests, _ = server
+    base, requests = server.url, server.requests
     ckpt = utils.load_checkpoint(f'{base}/runs/mine.pt')
     assert list(ckpt['state_dict']) == ['w'] and ckpt['args'] == {'model': 'CLIP_TINY'}
     (name,) = os.listdir(cache)
@@ -82,7 +85,7 @@ def test_url_loads_through_the_safe_funnel_and_prints_progress(server, cache, ca
 
 
 def test_truncated_transfer_leaves_no_file_under_the_final_name(server, cache):
-    base, requests, payload = server
+    base, requests, payload = server.url, server.requests, server.payload
     with pytest.raises(utils.CheckpointError, match=rf'truncated: {len(payload) // 2} of {len(payload)} bytes'):
         zoo.resolve_checkpoint(f'{base}/trunc/ckpt.pt', progress=False)
     assert os.listdir(cache) == []  # neither the final name nor the partial temporary file
@@ -90,14 +93,14 @@ def test_truncated_transfer_leaves_no_file_under_the_final_name(server, cache):
 
 
 def test_http_error_names_the_url_and_leaves_nothing(server, cache):
-    base, _, _ = server
+    base = server.url
     with pytest.raises(utils.CheckpointError, match=r"/missing/ckpt\.pt.*404"):
         zoo.resolve_checkpoint(f'{base}/missing/ckpt.pt', progress=False)
     assert os.listdir(cache) == []
 
 
 def test_unknown_name_lists_the_known_ones_and_asks_nothing(server, cache):
-    _, requests, _ = server
+    requests = server.requests
     with pytest.raises(utils.CheckpointError) as e:
         zoo.resolve_checkpoint('slip_huge_1ep')
     assert all(name in str(e.value) for name in zoo.RELEASED)
@@ -107,7 +110,7 @@ def test_unknown_name_lists_the_known_ones_and_asks_nothing(server, cache):
 
 
 def test_paths_pass_through_and_nothing_is_downloaded(server, cache, tmp_path):
-    _, requests, _ = server
+    requests = server.requests
     existing = tmp_path / 'slip_base_100ep'  # a file wins over a released name
     existing.write_bytes(b'x')
     assert zoo.resolve_checkpoint(str(existing)) == str(existing)
@@ -131,3 +134,28 @@ def test_readme_model_table_is_the_zoo():
     readme = open(os.path.join(HERE, '..', 'README.md')).read()
     for line in zoo.markdown_table().splitlines():
         assert line in readme, line
+
+
+def test_eval_zeroshot_resume_takes_a_released_name(server, cache, monkeypatch, tmp_path):
+    """End to end: --resume NAME downloads the checkpoint once and evaluates it; a second run asks nothing."""
+    import json
+
+    import eval_zeroshot
+    base, requests = server.url, server.requests
+    monkeypatch.setattr(zoo, 'BASE_URL', f'{base}/slip/')
+    ckpt = tmp_path / 'slip_tiny.pt'
+    torch.manual_seed(0)
+    torch.save({'state_dict': {f'module.{k}': v for k, v in models.create_model('SLIP_TINY').state_dict().items()},
+                'args': {'model': 'SLIP_TINY'}, 'epoch': 1}, ckpt)
+    server.files['/slip/slip_small_25ep.pt'] = ckpt.read_bytes()
+    _, labels, templates = eval_zeroshot.load_assets()
+    files = {'catalog': {'demo': {'path': '', 'type': 'demo', 'train': 'train', 'test': 'test', 'size': 8}},
+             'labels': {'demo': labels['demo']}, 'templates': {'demo': templates['demo']}}
+    for key, data in files.items():
+        (tmp_path / f'{key}.json').write_text(json.dumps(data))
+    argv = ['--resume', 'slip_small_25ep', '--datasets', 'demo', '--output-dir', str(tmp_path / 'out'), '-j', '0',
+            '--device', 'cpu'] + [a for k in files for a in (f'--{k}', str(tmp_path / f'{k}.json'))]
+    first = eval_zeroshot.main(eval_zeroshot.get_args_parser().parse_args(argv))
+    second = eval_zeroshot.main(eval_zeroshot.get_args_parser().parse_args(argv))
+    assert first == second and 0 <= first['demo'] <= 100
+    assert requests == ['/slip/slip_small_25ep.pt']
