@@ -81,7 +81,6 @@ def test_tiny_export_loads_in_open_clip_with_equal_embeddings_and_preprocess(tmp
 
 @pytest.mark.parametrize('name', ['CLIP_VITS16', 'CLIP_RN50'])
 def test_real_shapes_embeddings_and_preprocess_equal_ours(tmp_path, name):
-    torch.set_num_threads(1)
     ours, theirs, preprocess, folder = _export_and_load(tmp_path, name)
     _assert_same_embeddings(ours, theirs, 224)
     img = _test_image()
