@@ -79,6 +79,7 @@ def test_tiny_export_loads_in_open_clip_with_equal_embeddings_and_preprocess(tmp
     assert not any(k.startswith('image_mlp') for k in theirs.state_dict())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', ['CLIP_VITS16', 'CLIP_RN50'])
 def test_real_shapes_embeddings_and_preprocess_equal_ours(tmp_path, name):
     ours, theirs, preprocess, folder = _export_and_load(tmp_path, name)

@@ -1,5 +1,6 @@
 """The released model zoo by name: downloads from a local HTTP server on 127.0.0.1 only (started and stopped here)."""
 import http.server
+import json
 import os
 import threading
 import types
@@ -7,6 +8,7 @@ import types
 import pytest
 import torch
 
+import eval_zeroshot
 import models
 import utils
 import zoo
@@ -138,9 +140,6 @@ def test_readme_model_table_is_the_zoo():
 
 def test_eval_zeroshot_resume_takes_a_released_name(server, cache, monkeypatch, tmp_path):
     """End to end: --resume NAME downloads the checkpoint once and evaluates it; a second run asks nothing."""
-    import json
-
-    import eval_zeroshot
     base, requests = server.url, server.requests
     monkeypatch.setattr(zoo, 'BASE_URL', f'{base}/slip/')
     ckpt = tmp_path / 'slip_tiny.pt'
