@@ -31,6 +31,7 @@ import torch.nn.functional as F
 import datasets
 import models
 import utils
+import zoo
 from utils import logger
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -47,7 +48,8 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 def get_args_parser():
     parser = argparse.ArgumentParser('SLIP zero-shot evaluation', add_help=False)
     parser.add_argument('--resume', default='', type=str,
-                        help='checkpoint to evaluate (ours or a released one); default <output-dir>/checkpoint_best.pt')
+                        help='checkpoint to evaluate: a path, a released name (slip_base_100ep, ...) or an '
+                             'http(s) URL; default <output-dir>/checkpoint_best.pt')
     parser.add_argument('--datasets', nargs='+', default=None, metavar='NAME',
                         help='catalog names to evaluate (default: the 26 of the paper); also imagenet80, demo, '
                              'coco_retrieval, coco2017_retrieval, flickr30k_retrieval')
@@ -409,7 +411,7 @@ def main(args) -> Dict[str, Optional[float]]:
     unknown = [n for n in names if n not in assets[0]]
     if unknown:
         raise ValueError(f'--datasets: {unknown} not in the catalog (known: {", ".join(assets[0])})')
-    path = args.resume or os.path.join(args.output_dir, 'checkpoint_best.pt')
+    path = zoo.resolve_checkpoint(args.resume) if args.resume else os.path.join(args.output_dir, 'checkpoint_best.pt')
     if not os.path.isfile(path):
         raise FileNotFoundError(f'no checkpoint at {path!r}: pass --resume CKPT or --output-dir of a training run')
     model, _ = load_model(path, device)

@@ -24,6 +24,7 @@ import engine as engine_lib
 import losses
 import models
 import utils
+import zoo
 from utils import logger
 
 def get_args_parser():
@@ -54,7 +55,9 @@ def get_args_parser():
       help='gather CLIP features without gradient as the original did (incomplete multi-GPU gradient; only for '
            'exact reproduction of the released runs)')
     # optimisation
-    a('--resume', default='', type=str, help='checkpoint to resume from (default: <output-dir>/checkpoint.pt)')
+    a('--resume', default='', type=str,
+      help='checkpoint to resume from: a path, a released name (zoo.py) or an http(s) URL (default: '
+           '<output-dir>/checkpoint.pt)')
     a('--epochs', default=25, type=int)
     a('--warmup-epochs', default=1, type=int)
     a('--start-epoch', default=0, type=int)
@@ -229,7 +232,7 @@ def run_zeroshot(model, args, assets, tokenizer, device):
 
 def resume(args, model, optimizer, scaler):
     """Returns (start_epoch, start_step, best_acc1) from --resume or <output-dir>/checkpoint.pt."""
-    path = args.resume or os.path.join(args.output_dir, 'checkpoint.pt')
+    path = zoo.resolve_checkpoint(args.resume) if args.resume else os.path.join(args.output_dir, 'checkpoint.pt')
     if not os.path.isfile(path):
         if args.resume:
             raise FileNotFoundError(f'--resume {args.resume!r}: no such checkpoint')

@@ -57,7 +57,9 @@ def get_args_parser():
     parser.add_argument('--resume', default='', type=str,
                         help='linear checkpoint (default: <output-dir>/linear_checkpoint.pt when present)')
     parser.add_argument('-e', '--evaluate', action='store_true', help='only evaluate the resumed head')
-    parser.add_argument('--pretrained', default='', type=str, help='CLIP / SimCLR / SLIP pre-training checkpoint')
+    parser.add_argument('--pretrained', default='', type=str,
+                        help='CLIP / SimCLR / SLIP pre-training checkpoint: a path, a released name '
+                             '(slip_base_100ep, ... see zoo.py) or an http(s) URL')
     parser.add_argument('--cached-features', action='store_true',
                         help='extract features once (train split without augmentation) and train on them')
     parser.add_argument('--precision', default='fp32', choices=utils.PRECISIONS, help='backbone forward precision')

@@ -314,11 +314,14 @@ def load_checkpoint(path: str, map_location: Any = 'cpu') -> Dict[str, Any]:
 
     Under ``torch.load(weights_only=True)`` with an allow-list (Namespace, pathlib paths): no arbitrary object is
     ever unpickled. The result has ``state_dict`` without the DDP ``module.`` prefix, ``args`` as a dict and the
-    legacy model name ``CLIP_SIMCLR_*`` mapped to ``SLIP_*``.
+    legacy model name ``CLIP_SIMCLR_*`` mapped to ``SLIP_*``. ``path`` may also be a released name or an http(s)
+    URL, downloaded once into the cache (``zoo.resolve_checkpoint``).
 
     Raises:
         CheckpointError: naming the file when it is missing, truncated, not a checkpoint or holds unsafe objects.
     """
+    import zoo  # here: zoo imports this module
+    path = zoo.resolve_checkpoint(path)
     if not os.path.isfile(path):
         raise CheckpointError(f'checkpoint {path!r} does not exist')
     try:

@@ -88,7 +88,8 @@ def get_args_parser():
     a('--mixup_switch_prob', type=float, default=0.5)
     a('--mixup_mode', type=str, default='batch', choices=['batch', 'pair', 'elem'])
     # Fine-tuning
-    a('--finetune', default='', help='pre-trained checkpoint (SLIP, CLIP, SimCLR or a fine-tuned one)')
+    a('--finetune', default='', help='pre-trained checkpoint (SLIP, CLIP, SimCLR or a fine-tuned one): a path, a '
+      'released name (slip_base_100ep, ...) or an http(s) URL')
     a('--model_key', default='model|module', help="'|'-separated entries holding the weights (else state_dict)")
     a('--model_prefix', default='', help='key prefix of the image tower, module.visual. for SLIP checkpoints')
     a('--init_scale', default=0.001, type=float, help='scale of the new head init')
