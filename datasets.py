@@ -109,6 +109,9 @@ def get_downstream_dataset(catalog: Dict[str, Any], name: str, is_train: bool, t
         return FileListDataset(os.path.join(root, f'{split}_images.npy'), os.path.join(root, f'{split}_labels.npy'),
                                transform, target_transform)
     if kind == 'special':
+        if name not in SPECIAL:
+            raise ValueError(f'catalog entry {name!r} has type "special", which only {", ".join(SPECIAL)} can have '
+                             f'(torchvision datasets); use type imagefolder or filelist for other data')
         import torchvision
         cls = getattr(torchvision.datasets, SPECIAL[name])
         try:
