@@ -347,6 +347,36 @@ def load_checkpoint(path: str, map_location: Any = 'cpu') -> Dict[str, Any]:
     return ckpt
 
 
+def check_resume_args(stored: Dict[str, Any], new: Dict[str, Any], fields: Sequence[str], path: str,
+                      override: bool, override_flag: str = '--resume-override', dash: bool = True) -> List[str]:
+    """Compare the training-defining arguments of a checkpoint with the new run's before resuming from it.
+
+    A field the checkpoint lacks (released or older files) is not a mismatch: it is logged. Lists and tuples compare
+    equal when their items do. Returns the differences (as "--flag: old -> new" lines).
+
+    Raises:
+        SystemExit: naming every differing field with its old and new value and ``override_flag``, unless
+            ``override`` (then the differences are logged as a warning and the resume goes on).
+    """
+    def norm(v: Any) -> Any:
+        v = _plain(v)
+        return [norm(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+    flag = (lambda f: '--' + f.replace('_', '-')) if dash else (lambda f: '--' + f)
+    missing = [f for f in fields if f not in stored]
+    diffs = [f'{flag(f)}: checkpoint {stored[f]!r}, now {new.get(f)!r}' for f in fields
+             if f in stored and norm(stored[f]) != norm(new.get(f))]
+    if missing:
+        logger.info('resume from %s: the checkpoint does not record %s (not checked)', path, ', '.join(missing))
+    if diffs and not override:
+        raise SystemExit(f'refusing to resume from {path}: it was trained with other settings, which would silently '
+                         f'change the data split or the schedule:\n  ' + '\n  '.join(diffs) +
+                         f'\nUse another output directory for a new run, or pass {override_flag} to resume anyway.')
+    if diffs:
+        logger.warning('resume from %s with %s; changed settings:\n  %s', path, override_flag, '\n  '.join(diffs))
+    return diffs
+
+
 def load_state_dict_checked(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], path: str = '',
                             strict: bool = True):
     """load_state_dict with an error that names the file and the first mismatching keys."""

@@ -202,8 +202,9 @@ def test_finetune_end_to_end_then_resume(imagenet, slip_ckpt, tmp_path):
     first = utils.load_checkpoint(os.path.join(out, 'checkpoint-last.pth'))
     assert first['epoch'] == 0 and 'model_ema' in first and first['args']['nb_classes'] == 2
     assert not torch.equal(first['state_dict']['blocks.0.attn.qkv.weight'], slip.visual.blocks[0].attn.qkv.weight)
-    # Rerun with more epochs: auto-resume continues at epoch 1 with the optimizer state (4 steps per epoch).
-    rcf.main(finetune_args(imagenet, out, '--epochs', 2, '--finetune', path, '--model_ema'))
+    # Rerun with more epochs (a schedule change: --resume_override): auto-resume continues at epoch 1 with the
+    # optimizer state (4 steps per epoch).
+    rcf.main(finetune_args(imagenet, out, '--epochs', 2, '--finetune', path, '--model_ema', '--resume_override'))
     lines = [json.loads(x) for x in open(os.path.join(out, 'log.txt'))]
     assert [x['epoch'] for x in lines] == [0, 1]
     last = utils.load_checkpoint(os.path.join(out, 'checkpoint-last.pth'))

@@ -74,7 +74,8 @@ def test_device_augment_trains(tmp_path):
 def test_auto_resume_continues_after_last_epoch(tmp_path, caplog):
     main_script.main(tiny_args(tmp_path, 'CLIP_TINY', '--epochs', 1))
     before = _weights(tmp_path / 'checkpoint.pt')
-    stats = main_script.main(tiny_args(tmp_path, 'CLIP_TINY', '--epochs', 2))
+    # a longer schedule is a change of the run: refused without --resume-override (tests/test_resume.py)
+    stats = main_script.main(tiny_args(tmp_path, 'CLIP_TINY', '--epochs', 2, '--resume-override'))
     assert stats['epoch'] == 1  # only the second epoch ran
     lines = [json.loads(x) for x in (tmp_path / 'log.txt').read_text().splitlines()]
     assert [x['epoch'] for x in lines] == [0, 1]
