@@ -218,10 +218,9 @@ def build_train_loader(args, tokenizer, device):
     dataset = datasets.get_train_dataset(args, tokenizer)
     common = dict(batch_size=args.batch_size, num_workers=args.workers, pin_memory=device.type == 'cuda',
                   drop_last=True, persistent_workers=args.workers > 0, prefetch_factor=4 if args.workers else None)
-    if isinstance(dataset, torch.utils.data.IterableDataset):
-        common['persistent_workers'] = False  # the epoch must reach the workers through set_epoch
-        per_rank = dataset.num_samples // args.world_size // args.batch_size
-        return torch.utils.data.DataLoader(dataset, **common), dataset, per_rank
+    if isinstance(dataset, torch.utils.data.IterableDataset):  # WebDataset: it has EpochSampler's set_epoch
+        common['persistent_workers'] = False  # the epoch and resume position reach the workers when they start
+        return torch.utils.data.DataLoader(dataset, **common), dataset, dataset.per_rank_batches
     sampler = EpochSampler(len(dataset), args.batch_size, args.rank, args.world_size, args.seed)
     loader = torch.utils.data.DataLoader(EpochIndexed(dataset), sampler=sampler, **common)
     return loader, sampler, sampler.per_rank // args.batch_size
@@ -345,10 +344,7 @@ def main(args):
     stats = {}
     for epoch in range(start_epoch, args.epochs):
         first = start_step if epoch == start_epoch else 0
-        if isinstance(sampler, EpochSampler):
-            sampler.set_epoch(epoch, first * args.update_freq, args.batch_size)  # skip what was already trained
-        else:
-            sampler.set_epoch(epoch)  # WebDataset: the epoch's shard order
+        sampler.set_epoch(epoch, first * args.update_freq, args.batch_size)  # skip what was already trained
         train_stats = train_one_epoch(loader, model, criterion, optimizer, scaler, schedule, epoch, first,
                                       iters_per_epoch, args, device, writer, model_without_ddp, best_acc1)
         val_stats = {}
