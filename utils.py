@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 from collections import defaultdict
 from contextlib import nullcontext
 from typing import Any, Dict, Iterable, List, Optional, Sequence
@@ -59,6 +60,25 @@ def resolve_device(name: Optional[str], local_rank: int = 0) -> torch.device:
     return device
 
 
+def first_slurm_host(nodelist: str) -> str:
+    """The first host of a Slurm node list: ``node[001-004,010]`` -> node001, ``a,b`` -> a, ``gpu-01`` -> gpu-01,
+    ``rack[1-2]-n[07-08]`` -> rack1-n07 (zero padding kept)."""
+    depth, first = 0, ''
+    for ch in nodelist.strip():  # the first comma-separated entry outside brackets
+        if ch == ',' and depth == 0:
+            break
+        depth += (ch == '[') - (ch == ']')
+        first += ch
+    # each bracket group: its first item, and of a range its start
+    return re.sub(r'\[([^\]]*)\]', lambda m: m.group(1).split(',')[0].split('-')[0], first)
+
+
+def master_port_for_job(job_id: str) -> int:
+    """A port every task of a job agrees on without talking, different for concurrent jobs (ids differ)."""
+    digits = re.sub(r'\D', '', str(job_id)) or '0'
+    return 20000 + int(digits) % 20000
+
+
 def init_distributed_mode(args: argparse.Namespace) -> torch.device:
     """Read torchrun or Slurm variables, start the process group and return this process's device.
 
@@ -72,6 +92,13 @@ def init_distributed_mode(args: argparse.Namespace) -> torch.device:
         rank = int(env['SLURM_PROCID'])
         world_size = int(env.get('SLURM_NTASKS', args.world_size))
         local_rank = int(env.get('SLURM_LOCALID', 0))
+        # A plain `srun python main.py` (no torchrun, no submitit) sets no rendezvous: without these the env://
+        # init would fail or wait out its timeout. Every task derives the same values from the job's variables.
+        if 'MASTER_ADDR' not in env:
+            env['MASTER_ADDR'] = first_slurm_host(env.get('SLURM_JOB_NODELIST', env.get('SLURM_NODELIST', '')))
+        if 'MASTER_PORT' not in env:
+            env['MASTER_PORT'] = str(master_port_for_job(env.get('SLURM_JOB_ID', '0')))
+        logger.info('Slurm rendezvous %s:%s', env['MASTER_ADDR'], env['MASTER_PORT'])
     else:
         rank, world_size, local_rank = 0, 1, 0
     device = resolve_device(getattr(args, 'device', None), local_rank)
