@@ -13,7 +13,8 @@ Downstream datasets are described by ``dataset_catalog.json`` entries ``{"path",
 ``imagefolder``, ``filelist`` (``<split>_images.npy`` / ``<split>_labels.npy``), ``special`` (torchvision's
 CIFAR-10/100, STL-10 and MNIST, read from local files only) or ``demo`` (the generated demo set).
 
-References: SLIP ``datasets.py`` (formats, §3 of docs/SLIP_REFERENCE.md); the views are in augment.py.
+References: SLIP ``datasets.py`` and the data section of its README (github.com/facebookresearch/SLIP) for the
+formats; docs/DATASETS.md here; the views are in augment.py.
 """
 import io
 import json

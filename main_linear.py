@@ -1,4 +1,4 @@
-"""Linear probe of a frozen CLIP / SimCLR / SLIP image backbone (MoCo v3 protocol, SLIP_REFERENCE §8), bugs fixed.
+"""Linear probe of a frozen CLIP / SimCLR / SLIP image backbone (MoCo v3 protocol, SLIP's main_linear.py), bugs fixed.
 
 Commands:
     torchrun --nproc_per_node=8 main_linear.py --pretrained slip_base_25ep.pt --dataset imagenet --output-dir out/lin
@@ -44,7 +44,9 @@ def get_args_parser():
     parser.add_argument('--output-dir', default='./', type=str)
     parser.add_argument('-a', '--arch', default='vit_base_patch16_224',
                         help='timm backbone, used only for checkpoints that do not store args.model')
-    parser.add_argument('-j', '--workers', default=64, type=int, help='data loader workers per node')
+    parser.add_argument('-j', '--workers', default=utils.default_workers(), type=int,
+                        help='data loader workers per node, shared by its processes (default: the cores available, '
+                             'at most 10)')
     parser.add_argument('--epochs', default=90, type=int)
     parser.add_argument('--start-epoch', default=0, type=int, help='overwritten when resuming')
     parser.add_argument('-b', '--batch-size', default=128, type=int, help='per process')

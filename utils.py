@@ -281,8 +281,11 @@ class CheckpointError(RuntimeError):
 
 # Objects that released SLIP checkpoints pickle besides tensors: the argparse Namespace of the run and, for runs
 # launched by submitit, pathlib paths inside it. Nothing else is ever unpickled.
+# The function numpy pickles a scalar with (numpy._core.multiarray.scalar), reached through the public pickle protocol
+# rather than numpy's private module path, which moved between numpy 1 and 2.
+NUMPY_SCALAR = np.float64(0).__reduce__()[0]
 SAFE_GLOBALS = [argparse.Namespace, pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath,
-                pathlib.PureWindowsPath, np.dtype, np._core.multiarray.scalar, type(np.dtype(np.float64))]
+                pathlib.PureWindowsPath, np.dtype, NUMPY_SCALAR, type(np.dtype(np.float64))]
 
 
 def _plain(value: Any) -> Any:
@@ -458,6 +461,15 @@ def append_json_line(path: str, record: Dict[str, Any]) -> None:
 
 def format_seconds(seconds: float) -> str:
     return str(datetime.timedelta(seconds=int(max(seconds, 0))))
+
+
+def default_workers(cap: int = 10) -> int:
+    """Data loader workers by default: the CPU cores this process may use, at most ``cap`` (and at least 1)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cap, cores))
 
 
 def peak_memory_gb(device: torch.device) -> float:

@@ -18,7 +18,7 @@ import utils
 
 COLORS = [(230, 30, 30), (30, 200, 40), (30, 60, 230)]
 REFERENCE = os.path.join(os.path.dirname(__file__), 'data')  # the original's JSON files, to check ours against
-# SLIP_REFERENCE §9: dataset -> (number of classes, number of templates), in catalog order.
+# SLIP's labels.json / templates.json (tests/data): dataset -> (classes, templates), in catalog order.
 PAPER_TABLE = {
     'food101': (101, 1), 'cifar10': (10, 18), 'cifar100': (100, 18), 'cub200': (200, 1), 'sun397': (397, 2),
     'cars': (196, 8), 'aircraft': (100, 2), 'dtd': (47, 8), 'pets': (37, 1), 'caltech101': (102, 34),
