@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
 import pytest
@@ -23,18 +22,13 @@ def parse(*argv):
     return parser.parse_args([str(a) for a in argv])
 
 
-def small_catalog():
-    """The project catalog with a 64-image demo zero-shot set, so per-epoch checks take a fraction of a second."""
-    with open(os.path.join(REPO, 'dataset_catalog.json')) as f:
-        catalog = json.load(f)
-    catalog['demo']['size'] = 64
-    fd, path = tempfile.mkstemp(suffix='.json')
-    with os.fdopen(fd, 'w') as f:
-        json.dump(catalog, f)
-    return path
+CATALOG = None  # the small demo catalog (conftest's small_catalog, in pytest's temporary folder), set per module
 
 
-CATALOG = small_catalog()
+@pytest.fixture(autouse=True, scope='module')
+def _small_catalog(small_catalog):
+    global CATALOG
+    CATALOG = small_catalog
 
 
 def tiny_args(out, model='SLIP_TINY', *extra):
