@@ -93,6 +93,8 @@ def test_accuracy_metrics_count_matches():
     out['text_embed'] = eye.roll(1, dims=0)  # every caption belongs to the next image
     assert losses.CLIPLoss()(out)['clip_acc'].item() == 0.0
     assert losses.SIMCLRLoss()(out)['ssl_acc'].item() == 100.0
+    out['aug2_embed'] = eye.roll(1, dims=0)  # every second view matches the next sample's first view
+    assert losses.SIMCLRLoss()(out)['ssl_acc'].item() == 0.0
 
 
 def test_get_loss_reads_family_from_registry():
