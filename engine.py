@@ -288,16 +288,6 @@ class Writers:
             self.tb.close()
 
 
-def _until_any_rank_ends(loader, device):
-    """Stop every rank together when one runs out (for iterable datasets whose ranks may see unequal counts)."""
-    iterator = iter(loader)
-    while True:
-        batch = next(iterator, None)
-        if not all_ranks_true(torch.tensor(batch is not None), device):
-            return
-        yield batch
-
-
 def train_one_epoch(engine: Engine, loader, epoch: int, first_step: int, iters_per_epoch: int, args,
                     writer: Optional[Writers] = None, on_step: Optional[Callable[[int], None]] = None) -> Dict:
     """Train optimizer steps ``first_step .. iters_per_epoch - 1`` of ``epoch`` from ``loader``'s batches.
@@ -312,8 +302,7 @@ def train_one_epoch(engine: Engine, loader, epoch: int, first_step: int, iters_p
     engine.skipped = 0
     meters = utils.MetricLogger(device if device.type == 'cuda' else None)
     counts = torch.zeros(2, dtype=torch.float64)  # bad samples, samples seen
-    uneven = utils.get_world_size() > 1 and isinstance(loader.dataset, torch.utils.data.IterableDataset)
-    batches = iter(_until_any_rank_ends(loader, device) if uneven else loader)
+    batches = iter(loader)  # every rank gets the same number of batches (map-style and WebDataset alike)
     wait, t_epoch, step = 0.0, time.perf_counter(), first_step
     for step in range(first_step, iters_per_epoch):
         micro = []

@@ -5,10 +5,11 @@ Commands:
     python eval_zeroshot.py --resume ckpt.pt --datasets imagenet imagenet80 coco_retrieval flickr30k_retrieval
     torchrun --nproc_per_node=8 eval_zeroshot.py --resume ckpt.pt --output-dir out/eval  # each rank one shard
 
-Protocol (SLIP_REFERENCE §7): Resize + CenterCrop to the model's input size, ImageNet normalisation, cosine logits
-between the normalised image embedding and a per-class text classifier (each prompt of every template x synonym
-normalised, averaged, normalised again). Metric per dataset: top-1, mean per-class accuracy (aircraft, pets,
-caltech101, flowers), (top-1 + top-5) / 2 (kinetics700_frames) or ROC AUC of logit[1] - logit[0] (hateful_memes).
+Protocol (SLIP's eval_zeroshot.py, github.com/facebookresearch/SLIP): Resize + CenterCrop to the model's input size,
+ImageNet normalisation, cosine logits between the normalised image embedding and a per-class text classifier (each
+prompt of every template x synonym normalised, averaged, normalised again). Metric per dataset: top-1, mean per-class
+accuracy (aircraft, pets, caltech101, flowers), (top-1 + top-5) / 2 (kinetics700_frames) or ROC AUC of logit[1] -
+logit[0] (hateful_memes).
 Retrieval (types ``retrieval_karpathy`` / ``retrieval_coco``): Recall@1/5/10 as CLIP_benchmark defines it.
 
 ``--datasets`` takes catalog names; ``imagenet80`` is an alias of ``imagenet`` with CLIP's 80 prompt templates
@@ -58,7 +59,8 @@ def get_args_parser():
     parser.add_argument('--templates', default=None, help='templates.json (default: the one beside this script)')
     parser.add_argument('--output-dir', default='./', type=str, help='where zeroshot_results.json is written')
     parser.add_argument('--batch-size', default=256, type=int, help='images per batch and process')
-    parser.add_argument('-j', '--workers', default=10, type=int, help='data loader workers per process')
+    parser.add_argument('-j', '--workers', default=utils.default_workers(), type=int,
+                        help='data loader workers per process (default: the cores available, at most 10)')
     parser.add_argument('--precision', default='fp32', choices=utils.PRECISIONS,
                         help='fp32 as in the original; amp_bf16 is faster and agrees to ~0.1 point')
     parser.add_argument('--device', default=None, help='cpu, cuda or cuda:N (default: cuda when available)')
@@ -223,7 +225,7 @@ def encode_images(net, dataset, device, precision: str, batch_size: int, workers
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Metrics (SLIP_REFERENCE §7), in percent
+# Metrics (SLIP's eval_zeroshot.py; retrieval as CLIP_benchmark), in percent
 # ----------------------------------------------------------------------------------------------------------------
 def mean_per_class_accuracy(preds: torch.Tensor, targets: torch.Tensor) -> float:
     """Average over the classes present in targets of that class's top-1 accuracy."""
@@ -396,9 +398,9 @@ def load_model(path: str, device) -> Tuple[torch.nn.Module, Dict]:
         raise ValueError(f'checkpoint {path!r} holds {spec.name}, a SimCLR model without a text encoder: zero-shot '
                          f'evaluation needs a CLIP or SLIP checkpoint (evaluate SimCLR with main_linear.py)')
     norm = ckpt['args'].get('ssl_head_norm') or 'bn'  # absent from released checkpoints: BatchNorm
+    head = {'ssl_head_norm': 'bn' if norm == 'syncbn' else norm} if spec.has_ssl else {}
     model = models.create_model(spec.name, ssl_mlp_dim=ckpt['args'].get('ssl_mlp_dim'),
-                                ssl_emb_dim=ckpt['args'].get('ssl_emb_dim'),
-                                ssl_head_norm='bn' if norm == 'syncbn' else norm)
+                                ssl_emb_dim=ckpt['args'].get('ssl_emb_dim'), **head)
     utils.load_state_dict_checked(model, ckpt['state_dict'], path, strict=True)
     logger.info("=> loaded '%s' (%s, epoch %s)", path, spec.name, ckpt.get('epoch'))
     return model.to(device).eval(), ckpt

@@ -38,6 +38,8 @@ def get_args_parser():
       help='folder where the parsed metadata is cached once per node and memory-mapped by every process '
            '(default: $XDG_CACHE_HOME/slip/metadata or ~/.cache/slip/metadata; none: parse it in every process)')
     a('--train-num-samples', type=int, default=None, help='wds only: samples per epoch over all shards')
+    a('--wds-shuffle-buffer', type=int, default=1000,
+      help='wds only: samples each data loader worker holds for its seeded shuffle (raw bytes; decoded after the draw)')
     a('--demo-samples', type=int, default=20000, help='demo only: generated image-caption pairs per epoch')
     a('--max-bad-fraction', type=float, default=0.01,
       help='stop when more than this fraction of an epoch\'s images are missing or undecodable (they are skipped)')
@@ -58,6 +60,9 @@ def get_args_parser():
     a('--resume', default='', type=str,
       help='checkpoint to resume from: a path, a released name (zoo.py) or an http(s) URL (default: '
            '<output-dir>/checkpoint.pt)')
+    a('--resume-override', action='store_true',
+      help='resume even when the checkpoint was trained with other settings (model, data, batch, schedule, seed, '
+           'precision: see README); the differences are logged. Without it such a resume stops, naming them')
     a('--epochs', default=25, type=int)
     a('--warmup-epochs', default=1, type=int)
     a('--start-epoch', default=0, type=int)
@@ -107,6 +112,35 @@ def get_args_parser():
     return p
 
 
+def check_args(args):
+    """Refuse bad flags at start-up with one message naming each of them (never a traceback later)."""
+    errors = []
+    for flag in ('batch_size', 'update_freq', 'print_freq', 'eval_freq', 'epochs', 'max_nonfinite'):
+        if getattr(args, flag) < 1:
+            errors.append(f'--{flag.replace("_", "-")} must be >= 1, got {getattr(args, flag)}')
+    for flag in ('warmup_epochs', 'save_every_steps', 'workers', 'start_epoch'):
+        if getattr(args, flag) < 0:
+            errors.append(f'--{flag.replace("_", "-")} must be >= 0, got {getattr(args, flag)}')
+    if args.warmup_epochs > args.epochs >= 1:
+        errors.append(f'--warmup-epochs ({args.warmup_epochs}) must not exceed --epochs ({args.epochs})')
+    if not 0 <= args.max_bad_fraction <= 1:
+        errors.append(f'--max-bad-fraction must be within [0, 1], got {args.max_bad_fraction}')
+    if args.dataset == 'wds' and args.wds_shuffle_buffer < 1:
+        errors.append(f'--wds-shuffle-buffer must be >= 1, got {args.wds_shuffle_buffer}')
+    try:
+        models.resolve_name(args.model)
+    except KeyError:
+        errors.append(f'--model {args.model!r} is not a known model; known models: {", ".join(models.MODELS)}')
+    if args.eval_dataset not in (None, '', 'none'):  # a catalogued set whose files are missing is only a warning
+        import eval_zeroshot
+        catalog = eval_zeroshot.load_assets(args.catalog, args.labels, args.templates)[0]
+        if args.eval_dataset not in catalog:
+            errors.append(f'--eval-dataset {args.eval_dataset!r} is not in the catalog {args.catalog or "(default)"}; '
+                          f'known: {", ".join(catalog)} (or none)')
+    if errors:
+        raise SystemExit('main.py: invalid arguments:\n  ' + '\n  '.join(errors))
+
+
 def resolve_args(args, device):
     """Fill the defaults that depend on the model, the device or the dataset."""
     spec = models.get_spec(args.model)
@@ -125,8 +159,9 @@ def resolve_args(args, device):
 
 def build_model(args, device):
     """The bare model on ``device``; the engine wraps it in DDP and torch.compile."""
-    norm = 'bn' if args.ssl_head_norm == 'syncbn' else args.ssl_head_norm
-    model = models.create_model(args.model, args.ssl_mlp_dim, args.ssl_emb_dim, ssl_head_norm=norm).to(device)
+    head = {'ssl_head_norm': 'bn' if args.ssl_head_norm == 'syncbn' else args.ssl_head_norm} \
+        if models.get_spec(args.model).has_ssl else {}
+    model = models.create_model(args.model, args.ssl_mlp_dim, args.ssl_emb_dim, **head).to(device)
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
     # SyncBatchNorm needs CUDA; on CPU each rank keeps its own BN statistics
@@ -198,10 +233,10 @@ def build_train_loader(args, tokenizer, device):
     dataset = datasets.get_train_dataset(args, tokenizer)
     common = dict(batch_size=args.batch_size, num_workers=args.workers, pin_memory=device.type == 'cuda',
                   drop_last=True, persistent_workers=args.workers > 0, prefetch_factor=4 if args.workers else None)
-    if isinstance(dataset, torch.utils.data.IterableDataset):
-        common['persistent_workers'] = False  # the epoch must reach the workers through set_epoch
-        per_rank = dataset.num_samples // args.world_size // args.batch_size
-        return torch.utils.data.DataLoader(dataset, collate_fn=augment.Batch.collate, **common), dataset, per_rank
+    if isinstance(dataset, torch.utils.data.IterableDataset):  # WebDataset: it has EpochSampler's set_epoch
+        common['persistent_workers'] = False  # the epoch and resume position reach the workers when they start
+        loader = torch.utils.data.DataLoader(dataset, collate_fn=augment.Batch.collate, **common)
+        return loader, dataset, dataset.per_rank_batches
     sampler = EpochSampler(len(dataset), args.batch_size, args.rank, args.world_size, args.seed)
     loader = torch.utils.data.DataLoader(EpochIndexed(dataset), sampler=sampler, collate_fn=augment.Batch.collate,
                                          **common)
@@ -230,14 +265,48 @@ def run_zeroshot(model, args, assets, tokenizer, device):
     return stats
 
 
+# Arguments that change what is trained: a resume with other values would silently change the model, the data split
+# (world size x batch size x update-freq each decide which samples a rank and a BatchNorm batch see), the schedule
+# index or the numerics. Workers, print frequency, logging and output paths may differ.
+RESUME_FIELDS = ('model', 'ssl_mlp_dim', 'ssl_emb_dim', 'ssl_scale', 'ssl_temp', 'legacy_clip_gather', 'dataset',
+                 'ssl_head_norm', 'root', 'metadata', 'train_num_samples', 'demo_samples', 'world_size', 'batch_size',
+                 'update_freq', 'legacy_update_freq', 'epochs', 'warmup_epochs', 'lr', 'lr_start', 'lr_end', 'wd', 'betas', 'eps', 'seed', 'precision',
+                 'device_augment')
+# WebDataset: each DataLoader worker reads its own shards, so the number of workers decides the sample order too.
+RESUME_FIELDS_WDS = ('workers', 'wds_shuffle_buffer')
+
+
+def data_position(args, step: int) -> dict:
+    """Where the epoch's data stream stands after ``step`` optimizer steps: batches taken per rank and, for wds,
+    the samples each DataLoader worker of a rank has delivered (the loader takes batches round-robin from them)."""
+    batches = step * args.update_freq
+    pos = {'batches_per_rank': batches, 'batch_size': args.batch_size, 'world_size': args.world_size}
+    if args.dataset == 'wds':
+        workers = max(args.workers, 1)
+        pos['samples_per_worker'] = [(batches // workers + (w < batches % workers)) * args.batch_size
+                                     for w in range(workers)]
+    return pos
+
+
 def resume(args, model, optimizer, scaler):
-    """Returns (start_epoch, start_step, best_acc1) from --resume or <output-dir>/checkpoint.pt."""
+    """Returns (start_epoch, start_step, best_acc1) from --resume or <output-dir>/checkpoint.pt.
+
+    Refuses (naming each field) a checkpoint trained with other training-defining arguments unless
+    --resume-override; --evaluate only loads the weights.
+    """
     path = zoo.resolve_checkpoint(args.resume) if args.resume else os.path.join(args.output_dir, 'checkpoint.pt')
     if not os.path.isfile(path):
         if args.resume:
             raise FileNotFoundError(f'--resume {args.resume!r}: no such checkpoint')
         return args.start_epoch, 0, 0.0
     ckpt = utils.load_checkpoint(path)
+    if not args.evaluate:
+        fields = RESUME_FIELDS + (RESUME_FIELDS_WDS if args.dataset == 'wds' else ())
+        utils.check_resume_args(ckpt['args'], vars(args), fields, path, args.resume_override)
+        stored = ckpt.get('data_position')
+        if stored and not args.resume_override and stored != data_position(args, ckpt.get('step', 0)):
+            raise SystemExit(f'refusing to resume from {path}: its data position {stored} does not match this run '
+                             f'({data_position(args, ckpt.get("step", 0))}); pass --resume-override to resume anyway')
     utils.load_state_dict_checked(model, ckpt['state_dict'], path)
     if 'optimizer' in ckpt and ckpt['optimizer']:
         optimizer.load_state_dict(ckpt['optimizer'])
@@ -253,6 +322,7 @@ def save(args, model, engine, epoch, step, best_acc1, is_best=False):
         if not torch.isfinite(p).all():
             raise RuntimeError(f'refusing to save a checkpoint: parameter {name} holds non-finite values')
     state = {'epoch': epoch, 'step': step, 'best_acc1': best_acc1, 'args': args,
+             'data_position': data_position(args, step),  # checked on resume
              # 'module.' keys, as the original's DDP checkpoints: its tools and BEiT's --model_prefix expect them
              'state_dict': {'module.' + k: v for k, v in model.state_dict().items()},
              'optimizer': engine.optimizer.state_dict(), 'scaler': engine.scaler.state_dict()}
@@ -260,6 +330,7 @@ def save(args, model, engine, epoch, step, best_acc1, is_best=False):
 
 
 def main(args):
+    check_args(args)
     device = utils.init_distributed_mode(args)
     spec = resolve_args(args, device)
     torch.manual_seed(args.seed + args.rank)
@@ -292,10 +363,7 @@ def main(args):
     stats = {}
     for epoch in range(start_epoch, args.epochs):
         first = start_step if epoch == start_epoch else 0
-        if isinstance(sampler, EpochSampler):
-            sampler.set_epoch(epoch, first * args.update_freq, args.batch_size)  # skip what was already trained
-        else:
-            sampler.set_epoch(epoch)  # WebDataset: the epoch's shard order
+        sampler.set_epoch(epoch, first * args.update_freq, args.batch_size)  # skip what was already trained
 
         def save_mid_epoch(step, epoch=epoch):
             if args.save_every_steps and step % args.save_every_steps == 0 and step < iters_per_epoch:

@@ -1,4 +1,4 @@
-"""Linear probe of a frozen CLIP / SimCLR / SLIP image backbone (MoCo v3 protocol, SLIP_REFERENCE §8), bugs fixed.
+"""Linear probe of a frozen CLIP / SimCLR / SLIP image backbone (MoCo v3 protocol, SLIP's main_linear.py), bugs fixed.
 
 Commands:
     torchrun --nproc_per_node=8 main_linear.py --pretrained slip_base_25ep.pt --dataset imagenet --output-dir out/lin
@@ -44,7 +44,9 @@ def get_args_parser():
     parser.add_argument('--output-dir', default='./', type=str)
     parser.add_argument('-a', '--arch', default='vit_base_patch16_224',
                         help='timm backbone, used only for checkpoints that do not store args.model')
-    parser.add_argument('-j', '--workers', default=64, type=int, help='data loader workers per node')
+    parser.add_argument('-j', '--workers', default=utils.default_workers(), type=int,
+                        help='data loader workers per node, shared by its processes (default: the cores available, '
+                             'at most 10)')
     parser.add_argument('--epochs', default=90, type=int)
     parser.add_argument('--start-epoch', default=0, type=int, help='overwritten when resuming')
     parser.add_argument('-b', '--batch-size', default=128, type=int, help='per process')
@@ -56,6 +58,9 @@ def get_args_parser():
     parser.add_argument('--eval-freq', default=10, type=int, help='epochs between evaluations (the last always is)')
     parser.add_argument('--resume', default='', type=str,
                         help='linear checkpoint (default: <output-dir>/linear_checkpoint.pt when present)')
+    parser.add_argument('--resume-override', action='store_true',
+                        help='resume a linear checkpoint trained with other settings (pretrained, dataset, batch, '
+                             'schedule, seed, precision); the differences are logged instead of stopping the run')
     parser.add_argument('-e', '--evaluate', action='store_true', help='only evaluate the resumed head')
     parser.add_argument('--pretrained', default='', type=str,
                         help='CLIP / SimCLR / SLIP pre-training checkpoint: a path, a released name '
@@ -198,14 +203,25 @@ def run_epoch(backbone, head, loader, device, args, optimizer=None):
     return meters.averages()
 
 
+# Arguments that change what the head learns; a resume with others stops unless --resume-override (workers, print
+# and evaluation frequency, output paths may differ).
+RESUME_FIELDS = ('pretrained', 'dataset', 'arch', 'epochs', 'batch_size', 'world_size', 'lr', 'momentum',
+                 'weight_decay', 'seed', 'cached_features', 'precision')
+
+
 def resume(args, head, optimizer):
-    """Load head, optimizer, epoch and best top-1 from --resume or <output-dir>/linear_checkpoint.pt."""
+    """Load head, optimizer, epoch and best top-1 from --resume or <output-dir>/linear_checkpoint.pt.
+
+    A checkpoint trained with other RESUME_FIELDS is refused (naming them) unless --resume-override or --evaluate.
+    """
     path = args.resume or os.path.join(args.output_dir, 'linear_checkpoint.pt')
     if not os.path.isfile(path):
         if args.resume or args.evaluate:
             raise FileNotFoundError(f'--resume {path!r}: no such linear checkpoint')
         return 0.0
     ckpt = utils.load_checkpoint(path)
+    if not args.evaluate:
+        utils.check_resume_args(ckpt['args'], vars(args), RESUME_FIELDS, path, args.resume_override)
     head_weights = {k[len('head.'):]: v for k, v in ckpt['state_dict'].items() if k.startswith('head.')}
     utils.load_state_dict_checked(head, head_weights, path, strict=True)
     if 'optimizer' in ckpt and not args.evaluate:

@@ -4,9 +4,10 @@ Usage:
     python make_dataset.py --ids flickr_unique_ids.npy --subset yfcc100m_subset_data.tsv \
         --metadata yfcc100m_dataset.txt --output-dir ./
 
-Inputs (SLIP_REFERENCE §10.1): ``--ids`` the YFCC100M photo ids whose images you have (npy), ``--subset`` OpenAI's
-15M-subset list (tab-separated, photo id in the first column), ``--metadata`` the YFCC100M metadata dump
-(tab-separated; column 0 photo id, 8 title, 9 description). The dump is streamed line by line, never read whole.
+Inputs (as in SLIP's README, github.com/facebookresearch/SLIP): ``--ids`` the YFCC100M photo ids whose images you have
+(npy), ``--subset`` OpenAI's 15M-subset list (tab-separated, photo id in the first column), ``--metadata`` the
+YFCC100M metadata dump (tab-separated; column 0 photo id, 8 title, 9 description). The dump is streamed line by line,
+never read whole.
 As in the original, the first column of both tsv files is the join key (OpenAI's subset lists the dump's first three
 columns), and it is the id the image archives are named by.
 

@@ -240,7 +240,7 @@ class CLIP(nn.Module):
 
     def __init__(self, embed_dim: int, vision_width: int, vision_model: nn.Module, context_length: int = CONTEXT_LENGTH,
                  vocab_size: int = VOCAB_SIZE, transformer_width: int = 512, transformer_heads: int = 8,
-                 transformer_layers: int = 12, fuse_views: bool = True, **kwargs):
+                 transformer_layers: int = 12, fuse_views: bool = True):
         super().__init__()
         # Attribute order defines the state_dict order of the released checkpoints.
         self.context_length = context_length
@@ -319,7 +319,7 @@ class SIMCLR(nn.Module):
     """Image-only SimCLR. forward(batch) -> {'aug1_embed', 'aug2_embed'}."""
 
     def __init__(self, vision_width: int, vision_model: nn.Module, ssl_mlp_dim: int, ssl_emb_dim: int,
-                 fuse_views: bool = True, ssl_head_norm: str = 'bn', **kwargs):
+                 fuse_views: bool = True, ssl_head_norm: str = 'bn'):
         super().__init__()
         self.vision_width = vision_width
         self.visual = vision_model
@@ -417,20 +417,38 @@ def _vit(tower) -> nn.Module:
     return timm.create_model(name, pretrained=False, num_classes=0, **overrides)
 
 
-def _make(family: str, tower, text: Optional[dict], ssl_mlp_dim: int, ssl_emb_dim: int, **kwargs) -> nn.Module:
-    kwargs.pop('rand_embed', None)  # passed by the original eval script; meaningless here
-    args = dict(vision_width=tower[2], vision_model=_vit(tower), ssl_mlp_dim=ssl_mlp_dim, ssl_emb_dim=ssl_emb_dim)
+# Keywords a caller may pass to a registry builder (the rest is fixed by the architecture). ``rand_embed`` is passed
+# by the original eval script and means nothing here: tolerated and dropped.
+BUILDER_KWARGS = {'clip': ('context_length', 'vocab_size', 'fuse_views'), 'simclr': ('fuse_views', 'ssl_head_norm'),
+                  'slip': ('context_length', 'vocab_size', 'fuse_views', 'ssl_head_norm')}
+IGNORED_KWARGS = ('rand_embed',)
+
+
+def _check_kwargs(name: str, family: str, kwargs: dict) -> dict:
+    """Drop the tolerated legacy keywords; raise naming any other keyword the model does not take (a typo)."""
+    kwargs = {k: v for k, v in kwargs.items() if k not in IGNORED_KWARGS}
+    unknown = sorted(set(kwargs) - set(BUILDER_KWARGS[family]))
+    if unknown:
+        raise TypeError(f'{name} got unexpected keyword argument(s) {", ".join(unknown)}; it takes ssl_mlp_dim, '
+                        f'ssl_emb_dim, {", ".join(BUILDER_KWARGS[family])}')
+    return kwargs
+
+
+def _make(name: str, family: str, tower, text: Optional[dict], ssl_mlp_dim: int, ssl_emb_dim: int,
+          **kwargs) -> nn.Module:
+    kwargs = _check_kwargs(name, family, kwargs)
+    args = dict(vision_width=tower[2], vision_model=_vit(tower))
+    if family != 'clip':
+        args.update(ssl_mlp_dim=ssl_mlp_dim, ssl_emb_dim=ssl_emb_dim)
     if family != 'simclr':
         args.update(text)
-    if family == 'clip':
-        kwargs.pop('ssl_head_norm', None)  # CLIP has no SSL head
     return FAMILY_CLASSES[family](**args, **kwargs)
 
 
 def _register(name: str, family: str, tower, text: Optional[dict] = TEXT_FULL, image_size: int = 224,
               ssl_mlp_dim: int = 4096, ssl_emb_dim: int = 256) -> Callable[..., nn.Module]:
     def builder(ssl_mlp_dim: int = ssl_mlp_dim, ssl_emb_dim: int = ssl_emb_dim, **kwargs) -> nn.Module:
-        return _make(family, tower, text, ssl_mlp_dim, ssl_emb_dim, **kwargs)
+        return _make(name, family, tower, text, ssl_mlp_dim, ssl_emb_dim, **kwargs)
 
     builder.__name__ = builder.__qualname__ = name
     builder.__doc__ = f'{family.upper()} model with a {tower[0]} {tower[1] or ""} image tower at {image_size} px.'
@@ -466,7 +484,7 @@ def CLIP_RN50(ssl_mlp_dim: int = 4096, ssl_emb_dim: int = 256, **kwargs) -> nn.M
     """
     from open_clip.modified_resnet import ModifiedResNet  # import here: open_clip is slow to import
 
-    kwargs.pop('rand_embed', None)
+    kwargs = _check_kwargs('CLIP_RN50', 'clip', kwargs)
     tower = ModifiedResNet(layers=[3, 4, 6, 3], output_dim=1024, heads=32, image_size=224, width=64)
     return CLIP(vision_width=1024, vision_model=tower, fuse_views=False, **TEXT_FULL, **kwargs)
 

@@ -23,7 +23,6 @@ import copy
 import dataclasses
 import importlib
 import os
-import re
 import sys
 from typing import Dict, Iterator, Optional
 
@@ -206,8 +205,7 @@ def main(args: argparse.Namespace):
 # ----------------------------------------------------------------------------------------------------------------
 def master_port(job_id: str) -> int:
     """A port every task of a job agrees on without talking, different for concurrent jobs (ids differ)."""
-    digits = re.sub(r'\D', '', str(job_id)) or '0'
-    return 20000 + int(digits) % 20000
+    return utils.master_port_for_job(job_id)  # the same rule as a plain srun launch (utils.init_distributed_mode)
 
 
 def rendezvous_env(job_env) -> Dict[str, str]:

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 from collections import defaultdict
 from contextlib import nullcontext
 from typing import Any, Dict, Iterable, List, Optional, Sequence
@@ -59,6 +60,25 @@ def resolve_device(name: Optional[str], local_rank: int = 0) -> torch.device:
     return device
 
 
+def first_slurm_host(nodelist: str) -> str:
+    """The first host of a Slurm node list: ``node[001-004,010]`` -> node001, ``a,b`` -> a, ``gpu-01`` -> gpu-01,
+    ``rack[1-2]-n[07-08]`` -> rack1-n07 (zero padding kept)."""
+    depth, first = 0, ''
+    for ch in nodelist.strip():  # the first comma-separated entry outside brackets
+        if ch == ',' and depth == 0:
+            break
+        depth += (ch == '[') - (ch == ']')
+        first += ch
+    # each bracket group: its first item, and of a range its start
+    return re.sub(r'\[([^\]]*)\]', lambda m: m.group(1).split(',')[0].split('-')[0], first)
+
+
+def master_port_for_job(job_id: str) -> int:
+    """A port every task of a job agrees on without talking, different for concurrent jobs (ids differ)."""
+    digits = re.sub(r'\D', '', str(job_id)) or '0'
+    return 20000 + int(digits) % 20000
+
+
 def init_distributed_mode(args: argparse.Namespace) -> torch.device:
     """Read torchrun or Slurm variables, start the process group and return this process's device.
 
@@ -72,6 +92,13 @@ def init_distributed_mode(args: argparse.Namespace) -> torch.device:
         rank = int(env['SLURM_PROCID'])
         world_size = int(env.get('SLURM_NTASKS', args.world_size))
         local_rank = int(env.get('SLURM_LOCALID', 0))
+        # A plain `srun python main.py` (no torchrun, no submitit) sets no rendezvous: without these the env://
+        # init would fail or wait out its timeout. Every task derives the same values from the job's variables.
+        if 'MASTER_ADDR' not in env:
+            env['MASTER_ADDR'] = first_slurm_host(env.get('SLURM_JOB_NODELIST', env.get('SLURM_NODELIST', '')))
+        if 'MASTER_PORT' not in env:
+            env['MASTER_PORT'] = str(master_port_for_job(env.get('SLURM_JOB_ID', '0')))
+        logger.info('Slurm rendezvous %s:%s', env['MASTER_ADDR'], env['MASTER_PORT'])
     else:
         rank, world_size, local_rank = 0, 1, 0
     device = resolve_device(getattr(args, 'device', None), local_rank)
@@ -254,8 +281,11 @@ class CheckpointError(RuntimeError):
 
 # Objects that released SLIP checkpoints pickle besides tensors: the argparse Namespace of the run and, for runs
 # launched by submitit, pathlib paths inside it. Nothing else is ever unpickled.
+# The function numpy pickles a scalar with (numpy._core.multiarray.scalar), reached through the public pickle protocol
+# rather than numpy's private module path, which moved between numpy 1 and 2.
+NUMPY_SCALAR = np.float64(0).__reduce__()[0]
 SAFE_GLOBALS = [argparse.Namespace, pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath,
-                pathlib.PureWindowsPath, np.dtype, np._core.multiarray.scalar, type(np.dtype(np.float64))]
+                pathlib.PureWindowsPath, np.dtype, NUMPY_SCALAR, type(np.dtype(np.float64))]
 
 
 def _plain(value: Any) -> Any:
@@ -350,6 +380,36 @@ def load_checkpoint(path: str, map_location: Any = 'cpu') -> Dict[str, Any]:
     return ckpt
 
 
+def check_resume_args(stored: Dict[str, Any], new: Dict[str, Any], fields: Sequence[str], path: str,
+                      override: bool, override_flag: str = '--resume-override', dash: bool = True) -> List[str]:
+    """Compare the training-defining arguments of a checkpoint with the new run's before resuming from it.
+
+    A field the checkpoint lacks (released or older files) is not a mismatch: it is logged. Lists and tuples compare
+    equal when their items do. Returns the differences (as "--flag: old -> new" lines).
+
+    Raises:
+        SystemExit: naming every differing field with its old and new value and ``override_flag``, unless
+            ``override`` (then the differences are logged as a warning and the resume goes on).
+    """
+    def norm(v: Any) -> Any:
+        v = _plain(v)
+        return [norm(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+    flag = (lambda f: '--' + f.replace('_', '-')) if dash else (lambda f: '--' + f)
+    missing = [f for f in fields if f not in stored]
+    diffs = [f'{flag(f)}: checkpoint {stored[f]!r}, now {new.get(f)!r}' for f in fields
+             if f in stored and norm(stored[f]) != norm(new.get(f))]
+    if missing:
+        logger.info('resume from %s: the checkpoint does not record %s (not checked)', path, ', '.join(missing))
+    if diffs and not override:
+        raise SystemExit(f'refusing to resume from {path}: it was trained with other settings, which would silently '
+                         f'change the data split or the schedule:\n  ' + '\n  '.join(diffs) +
+                         f'\nUse another output directory for a new run, or pass {override_flag} to resume anyway.')
+    if diffs:
+        logger.warning('resume from %s with %s; changed settings:\n  %s', path, override_flag, '\n  '.join(diffs))
+    return diffs
+
+
 def load_state_dict_checked(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], path: str = '',
                             strict: bool = True):
     """load_state_dict with an error that names the file and the first mismatching keys."""
@@ -404,6 +464,15 @@ def append_json_line(path: str, record: Dict[str, Any]) -> None:
 
 def format_seconds(seconds: float) -> str:
     return str(datetime.timedelta(seconds=int(max(seconds, 0))))
+
+
+def default_workers(cap: int = 10) -> int:
+    """Data loader workers by default: the CPU cores this process may use, at most ``cap`` (and at least 1)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cap, cores))
 
 
 def peak_memory_gb(device: torch.device) -> float:

@@ -109,6 +109,9 @@ def get_args_parser():
     a('--precision', default=None, choices=utils.PRECISIONS, help='default: bf16 autocast where supported')
     a('--seed', default=0, type=int)
     a('--resume', default='', help='checkpoint to resume from (default: the newest in --output_dir)')
+    a('--resume_override', '--resume-override', action='store_true', dest='resume_override',
+      help='resume a checkpoint trained with other settings (model, data, batch, schedule, recipe, seed, precision); '
+           'the differences are logged instead of stopping the run')
     a('--auto_resume', action='store_true')
     a('--no_auto_resume', action='store_false', dest='auto_resume')
     a('--save_ckpt', action='store_true')
@@ -179,16 +182,41 @@ def find_resume_checkpoint(args) -> str:
     return max(numbered)[1] if numbered else ''
 
 
+# Arguments that change the training; resuming a checkpoint made with others stops unless --resume_override.
+# (world_size x batch_size x update_freq decide the data split and the schedule; workers and logging may differ.)
+RESUME_FIELDS = ('model', 'finetune', 'model_key', 'model_prefix', 'data_set', 'data_path', 'nb_classes', 'input_size',
+                 'batch_size', 'update_freq', 'world_size', 'epochs', 'warmup_epochs', 'warmup_steps', 'lr',
+                 'min_lr', 'warmup_lr', 'layer_decay', 'weight_decay', 'weight_decay_end', 'opt', 'opt_eps',
+                 'opt_betas', 'momentum', 'clip_grad', 'drop', 'attn_drop_rate', 'drop_path', 'layer_scale_init_value',
+                 'use_mean_pooling', 'init_scale', 'mixup', 'cutmix', 'cutmix_minmax', 'mixup_prob',
+                 'mixup_switch_prob', 'mixup_mode', 'smoothing', 'aa', 'color_jitter', 'reprob', 'remode', 'recount',
+                 'train_interpolation', 'model_ema', 'model_ema_decay', 'seed', 'precision')
+
+
 def resume(args, model, optimizer, scaler, model_ema):
-    """Restore weights, optimizer, scaler and EMA; returns (start_epoch, best_acc1)."""
+    """Restore weights, optimizer, scaler and EMA; returns (start_epoch, best_acc1).
+
+    A checkpoint trained with other RESUME_FIELDS is refused, naming them, unless --resume_override (or --eval).
+    """
     path = find_resume_checkpoint(args)
     if not path:
         return args.start_epoch, 0.0
     ckpt = utils.load_checkpoint(path)
+    if not args.eval:
+        utils.check_resume_args(ckpt['args'], vars(args), RESUME_FIELDS, path, args.resume_override,
+                                '--resume_override', dash=False)
     utils.load_state_dict_checked(model, ckpt['state_dict'], path, strict=True)
     if not args.eval and 'optimizer' in ckpt:
         optimizer.load_state_dict(ckpt['optimizer'])
-        scaler.load_state_dict(ckpt['scaler'])
+        if ckpt.get('scaler'):
+            scaler.load_state_dict(ckpt['scaler'])
+        elif scaler.is_enabled():  # fp16: the loss scale is part of the optimizer state
+            raise utils.CheckpointError(f'--resume {path!r} holds an optimizer but no "scaler" state, which '
+                                        f'--precision amp (fp16 loss scaling) needs to continue exactly; resume with '
+                                        f'the precision it was trained with')
+        else:
+            utils.logger.warning('--resume %s has no "scaler" state; none is needed for --precision %s', path,
+                                 args.precision)
     if model_ema is not None:  # an EMA that was not saved restarts from the resumed weights
         model_ema.module.load_state_dict(ckpt.get('model_ema', ckpt['state_dict']))
     utils.logger.info('resumed from %s (epoch %s)', path, ckpt.get('epoch'))

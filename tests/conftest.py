@@ -1,6 +1,81 @@
+import argparse
+import io
+import json
 import os
+import pathlib
+
+import pytest
 
 # Tests never touch the network.
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 # One intra-op thread: tiny models gain nothing from two, and two threads thrash when the other core is busy.
 os.environ.setdefault('OMP_NUM_THREADS', '1')
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shared fixtures (issue 12): tokenizer, released-format checkpoints, COCO pre-training folders, a small catalog
+# (torch and the project modules are imported inside them: the variables above must be set before torch loads)
+# ----------------------------------------------------------------------------------------------------------------
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope='session')
+def tokenizer():
+    """The real CLIP BPE tokenizer (open_clip ships the vocabulary: no download)."""
+    import utils
+    return utils.Tokenizer()
+
+
+def write_released_checkpoint(path, name='SLIP_TINY', seed=0, namespace=True, **extra_args):
+    """A checkpoint laid out as the original main.py wrote it: DDP ``module.`` keys, and ``args`` as an
+    argparse.Namespace (with a PosixPath, as submitit runs stored) or, with ``namespace=False``, a plain dict.
+    Returns the model (seeded with ``seed``) whose weights it holds."""
+    import torch
+
+    import models
+    torch.manual_seed(seed)
+    model = models.create_model(models.resolve_name(name))
+    args = dict(model=name, ssl_mlp_dim=256, ssl_emb_dim=64, **extra_args)
+    if namespace:
+        args = argparse.Namespace(output_dir=pathlib.PosixPath('/ckpt/x'), **args)
+    torch.save({'epoch': 25, 'state_dict': {f'module.{k}': v for k, v in model.state_dict().items()},
+                'optimizer': {}, 'best_acc1': 12.5, 'args': args}, path)
+    return model
+
+
+@pytest.fixture(scope='session')
+def released_checkpoint():
+    """``released_checkpoint(path, name='SLIP_TINY', seed=0, namespace=True)`` writes a released-format file."""
+    return write_released_checkpoint
+
+
+def _write_coco(root, images, annotations):
+    """A COCO-format pre-training set: ``images`` maps image id -> (width, height, (r, g, b)) JPEGs in
+    ``root/train2017``; ``annotations`` is a list of (image id, caption). Returns the captions json path."""
+    from PIL import Image
+    root = pathlib.Path(root)
+    (root / 'train2017').mkdir(parents=True, exist_ok=True)
+    for image_id, (w, h, color) in images.items():
+        buf = io.BytesIO()
+        Image.new('RGB', (w, h), color).save(buf, format='JPEG')
+        (root / 'train2017' / f'{image_id:012d}.jpg').write_bytes(buf.getvalue())
+    meta = root / 'captions_train2017.json'
+    meta.write_text(json.dumps({'images': [], 'annotations': [{'image_id': i, 'caption': c} for i, c in annotations]}))
+    return str(meta)
+
+
+@pytest.fixture(scope='session')
+def write_coco():
+    """``write_coco(root, {image_id: (w, h, rgb)}, [(image_id, caption), ...])`` -> captions json path."""
+    return _write_coco
+
+
+@pytest.fixture(scope='session')
+def small_catalog(tmp_path_factory):
+    """The project's dataset_catalog.json with a 64-image demo zero-shot set (fast per-epoch checks), in pytest's
+    temporary folder so that nothing is left behind."""
+    catalog = json.loads((REPO / 'dataset_catalog.json').read_text())
+    catalog['demo']['size'] = 64
+    path = tmp_path_factory.mktemp('catalog') / 'dataset_catalog.json'
+    path.write_text(json.dumps(catalog))
+    return str(path)

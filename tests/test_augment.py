@@ -1,35 +1,11 @@
 """augment.py: the views handed over as uint8 and finished on the device, and --device-augment's batched ops."""
 import argparse
-import io
-import os
 
-import pytest
 import torch
 from PIL import Image
 
 import augment
 import datasets
-import utils
-
-
-@pytest.fixture(scope='module')
-def tokenizer():
-    return utils.Tokenizer()
-
-
-def _coco(tmp_path, n=3):
-    """A COCO-format pre-training set of n small JPEGs."""
-    import json
-    os.makedirs(tmp_path / 'train2017', exist_ok=True)
-    anns = []
-    for i in range(n):
-        buf = io.BytesIO()
-        Image.new('RGB', (80, 60), (40 * i + 20, 200 - 30 * i, 90)).save(buf, format='JPEG')
-        (tmp_path / 'train2017' / f'{i:012d}.jpg').write_bytes(buf.getvalue())
-        anns.append({'image_id': i, 'caption': f'photo {i} of something'})
-    meta = tmp_path / 'captions_train2017.json'
-    meta.write_text(json.dumps({'annotations': anns}))
-    return str(meta)
 
 
 def _args(**kw):
@@ -39,8 +15,9 @@ def _args(**kw):
     return argparse.Namespace(**base)
 
 
-def test_device_augment_views_params_and_ops(tmp_path, tokenizer):
-    meta = _coco(tmp_path)
+def test_device_augment_views_params_and_ops(tmp_path, tokenizer, write_coco):
+    meta = write_coco(tmp_path, {i: (80, 60, (40 * i + 20, 200 - 30 * i, 90)) for i in range(3)},
+                      [(i, f'photo {i} of something') for i in range(3)])
     ds = datasets.get_train_dataset(_args(root=str(tmp_path), metadata=meta, image_format='device_augment'),
                                     tokenizer)
     ds.set_epoch(1)

@@ -105,3 +105,43 @@ def test_meter_and_gather_across_ranks(dist_results):
     # rank 0: value 1 weight 1; rank 1: value 2 weight 3 -> (1 + 6) / 4
     assert dist_results['meter'] == pytest.approx(7 / 4)
     assert dist_results['gather'].tolist() == [0.0, 0.0, 1.0, 1.0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A plain `srun python main.py`: Slurm variables only, no torchrun and no submitit
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize('nodelist, host', [('node[001-004,010]', 'node001'), ('a,b', 'a'), ('gpu-01', 'gpu-01'),
+                                            ('gpu-[07-08],cpu-1', 'gpu-07'), ('rack[1-2]-n[07,09]', 'rack1-n07'),
+                                            ('localhost', 'localhost')])
+def test_first_slurm_host_of_a_node_list(nodelist, host):
+    assert utils.first_slurm_host(nodelist) == host
+
+
+SRUN_TASK = """
+import argparse, torch, torch.distributed as dist, utils
+args = argparse.Namespace(device='cpu', dist_url='env://', world_size=1)
+utils.init_distributed_mode(args)
+t = torch.tensor([float(args.rank + 1)])
+dist.all_reduce(t)
+print('RESULT', args.rank, args.world_size, int(t.item()), flush=True)
+utils.cleanup_distributed()
+"""
+
+
+def test_srun_without_launcher_forms_a_gloo_group_from_slurm_variables(tmp_path):
+    import random
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items()
+           if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT') and not k.startswith('SLURM')}
+    job_id = str(random.randrange(10 ** 6))  # the port derives from it: random, so concurrent runs do not collide
+    procs = [subprocess.Popen([sys.executable, '-c', SRUN_TASK], cwd=repo, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True,
+                              env=dict(env, PYTHONPATH=repo, SLURM_PROCID=str(r), SLURM_NTASKS='2',
+                                       SLURM_LOCALID=str(r), SLURM_JOB_NODELIST='localhost', SLURM_JOB_ID=job_id))
+             for r in range(2)]
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    results = sorted(line.split()[1:] for out in outputs for line in out.splitlines() if line.startswith('RESULT'))
+    assert results == [['0', '2', '3'], ['1', '2', '3']]  # both ranks joined one group: 1 + 2

@@ -1,9 +1,6 @@
 """eval_zeroshot.py: metrics against hand-computed answers, classifier, retrieval, checkpoints, JSON files, shards."""
-import argparse
-import functools
 import json
 import os
-import pathlib
 
 import numpy as np
 import pytest
@@ -14,11 +11,10 @@ from PIL import Image
 import datasets
 import eval_zeroshot as ez
 import models
-import utils
 
 COLORS = [(230, 30, 30), (30, 200, 40), (30, 60, 230)]
 REFERENCE = os.path.join(os.path.dirname(__file__), 'data')  # the original's JSON files, to check ours against
-# SLIP_REFERENCE §9: dataset -> (number of classes, number of templates), in catalog order.
+# SLIP's labels.json / templates.json (tests/data): dataset -> (classes, templates), in catalog order.
 PAPER_TABLE = {
     'food101': (101, 1), 'cifar10': (10, 18), 'cifar100': (100, 18), 'cub200': (200, 1), 'sun397': (397, 2),
     'cars': (196, 8), 'aircraft': (100, 2), 'dtd': (47, 8), 'pets': (37, 1), 'caltech101': (102, 34),
@@ -54,21 +50,6 @@ def make_assets(root, n_per_class=(2, 3, 2)):
     for key, data in files.items():
         (root / f'{key}.json').write_text(json.dumps(data))
     return {k: str(root / f'{k}.json') for k in files}
-
-
-def released_checkpoint(path, name='CLIP_SIMCLR_TINY', seed=0):
-    """A checkpoint as the original main.py wrote it: DDP keys, argparse.Namespace args with a PosixPath."""
-    torch.manual_seed(seed)
-    model = models.create_model(models.resolve_name(name))
-    args = argparse.Namespace(model=name, ssl_mlp_dim=256, ssl_emb_dim=64, output_dir=pathlib.PosixPath('/ckpt/x'))
-    torch.save({'epoch': 25, 'state_dict': {f'module.{k}': v for k, v in model.state_dict().items()},
-                'optimizer': {}, 'best_acc1': 12.5, 'args': args}, path)
-    return model
-
-
-@pytest.fixture(scope='module')
-def tokenizer():
-    return utils.Tokenizer()
 
 
 @pytest.fixture(scope='module')
@@ -209,9 +190,9 @@ def eval_args(tmp_path, files, ckpt, names):
         '--templates', files['templates'], '--output-dir', str(tmp_path / 'out'), '-j', '0', '--device', 'cpu'])
 
 
-def test_released_checkpoint_end_to_end(tmp_path, tokenizer):
+def test_released_checkpoint_end_to_end(tmp_path, tokenizer, released_checkpoint):
     files = make_assets(tmp_path)
-    model = released_checkpoint(tmp_path / 'slip_tiny.pt')
+    model = released_checkpoint(tmp_path / 'slip_tiny.pt', name='CLIP_SIMCLR_TINY')  # the pre-release SLIP name
     results = ez.main(eval_args(tmp_path, files, tmp_path / 'slip_tiny.pt', ['toy', 'gone', 'toylist']))
     with open(tmp_path / 'out' / 'zeroshot_results.json') as f:
         assert json.load(f) == results
@@ -230,14 +211,14 @@ def test_released_checkpoint_end_to_end(tmp_path, tokenizer):
     assert results['toy'] == pytest.approx(100 * np.mean([p == y for p, (_, y) in zip(preds, ds.samples, strict=True)]))
 
 
-def test_simclr_checkpoint_gets_a_clear_message(tmp_path):
+def test_simclr_checkpoint_gets_a_clear_message(tmp_path, released_checkpoint):
     files = make_assets(tmp_path)
     released_checkpoint(tmp_path / 'simclr.pt', name='SIMCLR_TINY')
     with pytest.raises(ValueError, match='SimCLR model without a text encoder'):
         ez.main(eval_args(tmp_path, files, tmp_path / 'simclr.pt', ['toy']))
 
 
-def test_retrieval_karpathy_and_coco_formats(tmp_path, tiny_model, tokenizer):
+def test_retrieval_karpathy_and_coco_formats(tmp_path, tiny_model, tokenizer, monkeypatch):
     rows, annotations, images = [], [], []
     for i, color in enumerate(COLORS):
         write_image(tmp_path / 'imgs' / f'{i}.jpg', color, i)
@@ -256,19 +237,36 @@ def test_retrieval_karpathy_and_coco_formats(tmp_path, tiny_model, tokenizer):
     assert [os.path.basename(p) for p in paths] == ['0.jpg', '1.jpg', '2.jpg']
     assert [len(c) for c in captions] == [5, 5, 5] and captions[1][0] == 'a red image number 1 0'
     assert (paths, captions) == ez.load_retrieval_split('c', catalog['c'])
+    seen = []
+    recall = ez.retrieval_recall
+    monkeypatch.setattr(ez, 'retrieval_recall', lambda img, txt, owner: seen.append((img, txt, owner)) or
+                        recall(img, txt, owner))
     results = [ez.zeroshot_dataset(tiny_model, n, (catalog, {}, {}), tokenizer, 'cpu', 2, 0) for n in ('k', 'c')]
     assert results[0] == results[1]
-    assert results[0]['image_retrieval_recall@5'] == 100.0  # only 3 images: every caption finds its image in top 5
+    img, txt, owner = seen[0]
+    assert img.shape[0] == 3 and txt.shape[0] == 15 and owner == [0] * 5 + [1] * 5 + [2] * 5  # caption -> its image
+    t2i, i2t = brute_force_recall(img, txt, owner, 1)  # the model's features, scored by hand
+    assert results[0]['image_retrieval_recall@1'] == pytest.approx(t2i)
+    assert results[0]['text_retrieval_recall@1'] == pytest.approx(i2t)
     assert results[0]['metric'] == pytest.approx(np.mean([v for k, v in results[0].items() if '@' in k]))
     with pytest.raises(datasets.DatasetMissing):
         ez.zeroshot_dataset(tiny_model, 'none', (catalog, {}, {}), tokenizer, 'cpu', 2, 0)
 
 
-@pytest.mark.skipif(not hasattr(datasets, 'DemoZeroShotDataset'), reason='demo data not in datasets.py yet')
-def test_demo_dataset_runs(tiny_model, tokenizer, monkeypatch):
-    monkeypatch.setattr(datasets, 'DemoZeroShotDataset', functools.partial(datasets.DemoZeroShotDataset, size=96))
-    stats = ez.zeroshot_dataset(tiny_model, 'demo', ez.load_assets(), tokenizer, 'cpu', 256, 0)
-    assert 0 <= stats['acc1'] <= stats['acc5'] <= 100 and stats['metric'] == stats['acc1']
+def test_demo_dataset_top1_and_top5_of_its_logits(tiny_model, tokenizer, monkeypatch):
+    catalog, labels, templates = ez.load_assets()
+    catalog = {**catalog, 'demo': {**catalog['demo'], 'size': 96}}  # 3 images per class
+    seen = []
+    metrics = ez.classification_metrics
+    monkeypatch.setattr(ez, 'classification_metrics', lambda logits, targets, metric: seen.append(
+        (logits, targets, metric)) or metrics(logits, targets, metric))
+    stats = ez.zeroshot_dataset(tiny_model, 'demo', (catalog, labels, templates), tokenizer, 'cpu', 256, 0)
+    logits, targets, metric = seen[0]
+    assert logits.shape == (96, 32) and targets.tolist() == [i % 32 for i in range(96)] and metric == 'top1'
+    top5 = logits.topk(5, dim=1).indices
+    assert stats['acc1'] == pytest.approx(100 * (logits.argmax(1) == targets).float().mean().item())
+    assert stats['acc5'] == pytest.approx(100 * (top5 == targets[:, None]).any(1).float().mean().item())
+    assert stats['metric'] == stats['acc1']
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -31,14 +31,10 @@ def make_dataset(root, n_train=8, n_test=4):
 
 
 @pytest.fixture(scope='module')
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, released_checkpoint):
     root = tmp_path_factory.mktemp('linear')
     catalog = make_dataset(root)
-    torch.manual_seed(0)
-    model = models.create_model('SLIP_TINY')
-    # released layout: DDP 'module.' keys and an argparse.Namespace
-    torch.save({'epoch': 1, 'state_dict': {f'module.{k}': v for k, v in model.state_dict().items()},
-                'args': argparse.Namespace(model='SLIP_TINY', ssl_mlp_dim=256, ssl_emb_dim=64)}, root / 'slip.pt')
+    released_checkpoint(root / 'slip.pt', 'SLIP_TINY')  # released layout: DDP 'module.' keys, argparse.Namespace
     return root, catalog, str(root / 'slip.pt')
 
 

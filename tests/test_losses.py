@@ -55,10 +55,13 @@ def test_clip_loss_matches_naive():
 
 
 def _check_grads_close(value, reference, out):
-    for g1, g2 in zip(_grads(value, out), _grads(reference, out)):
-        if g2 is None or g1 is None:
-            continue
-        torch.testing.assert_close(g1.double(), g2, rtol=1e-4, atol=1e-6)
+    """Same gradient for every model output, and the same outputs left without one (unused by both losses)."""
+    grads = list(zip(sorted(out), _grads(value, out), _grads(reference, out), strict=True))
+    assert [k for k, g1, _ in grads if g1 is None] == [k for k, _, g2 in grads if g2 is None]
+    assert any(g1 is not None for _, g1, _ in grads)
+    for k, g1, g2 in grads:
+        if g1 is not None:
+            torch.testing.assert_close(g1.double(), g2, rtol=1e-4, atol=1e-6, msg=k)
 
 
 @pytest.mark.parametrize('tau', [0.1, 0.5])
@@ -90,6 +93,8 @@ def test_accuracy_metrics_count_matches():
     out['text_embed'] = eye.roll(1, dims=0)  # every caption belongs to the next image
     assert losses.CLIPLoss()(out)['clip_acc'].item() == 0.0
     assert losses.SIMCLRLoss()(out)['ssl_acc'].item() == 100.0
+    out['aug2_embed'] = eye.roll(1, dims=0)  # every second view matches the next sample's first view
+    assert losses.SIMCLRLoss()(out)['ssl_acc'].item() == 0.0
 
 
 def test_get_loss_reads_family_from_registry():

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
 import pytest
@@ -24,18 +23,13 @@ def parse(*argv):
     return parser.parse_args([str(a) for a in argv])
 
 
-def small_catalog():
-    """The project catalog with a 64-image demo zero-shot set, so per-epoch checks take a fraction of a second."""
-    with open(os.path.join(REPO, 'dataset_catalog.json')) as f:
-        catalog = json.load(f)
-    catalog['demo']['size'] = 64
-    fd, path = tempfile.mkstemp(suffix='.json')
-    with os.fdopen(fd, 'w') as f:
-        json.dump(catalog, f)
-    return path
+CATALOG = None  # the small demo catalog (conftest's small_catalog, in pytest's temporary folder), set per module
 
 
-CATALOG = small_catalog()
+@pytest.fixture(autouse=True, scope='module')
+def _small_catalog(small_catalog):
+    global CATALOG
+    CATALOG = small_catalog
 
 
 def tiny_args(out, model='SLIP_TINY', *extra):
@@ -76,7 +70,8 @@ def test_device_augment_trains_with_exact_accumulation(tmp_path):
 def test_auto_resume_continues_after_last_epoch(tmp_path, caplog):
     main_script.main(tiny_args(tmp_path, 'CLIP_TINY', '--epochs', 1))
     before = _weights(tmp_path / 'checkpoint.pt')
-    stats = main_script.main(tiny_args(tmp_path, 'CLIP_TINY', '--epochs', 2))
+    # a longer schedule is a change of the run: refused without --resume-override (tests/test_resume.py)
+    stats = main_script.main(tiny_args(tmp_path, 'CLIP_TINY', '--epochs', 2, '--resume-override'))
     assert stats['epoch'] == 1  # only the second epoch ran
     lines = [json.loads(x) for x in (tmp_path / 'log.txt').read_text().splitlines()]
     assert [x['epoch'] for x in lines] == [0, 1]

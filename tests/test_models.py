@@ -137,6 +137,7 @@ def test_packed_text_equals_full_context(checkpointing):
     (short ** 2).sum().backward()
     (full ** 2).sum().backward()
     for (n, a), (_, b) in zip(fast.named_parameters(), slow.named_parameters()):
+        assert (a.grad is None) == (b.grad is None), n  # the same parameters reach the text embedding
         if b.grad is not None:
             torch.testing.assert_close(a.grad, b.grad, rtol=1e-8, atol=1e-10, msg=n)
     # over-long captions keep their end-of-text token, so they do not collapse to one embedding
@@ -199,3 +200,18 @@ def test_released_format_checkpoint_loads_strict(tmp_path):
     fresh.load_state_dict(ckpt['state_dict'], strict=True)
     for k, v in model.state_dict().items():
         assert torch.equal(fresh.state_dict()[k], v)
+
+
+def test_rn50_forward_backward_every_parameter_gets_gradient():
+    import losses
+    torch.manual_seed(0)
+    model = models.create_model('CLIP_RN50')
+    image = torch.randn(2, 3, 224, 224)
+    text = utils.Tokenizer()(['a photo of a dog', 'a red circle'])
+    out = model(augment.Batch(image=image, text=text))
+    assert set(out) == {'image_embed', 'text_embed', 'logit_scale'}
+    assert out['image_embed'].shape == out['text_embed'].shape == (2, 512)
+    losses.CLIPLoss()(out)['loss'].backward()
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not no_grad
+    assert model.visual.attnpool.c_proj.weight.grad.abs().sum() > 0  # the attention pooling is trained

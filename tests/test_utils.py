@@ -141,3 +141,22 @@ def test_save_killed_midway_keeps_previous_file(tmp_path, monkeypatch):
         utils.save_checkpoint({'epoch': 2, 'state_dict': _model_state()}, False, str(tmp_path))
     monkeypatch.setattr(torch, 'save', real_save)
     assert utils.load_checkpoint(str(tmp_path / 'checkpoint.pt'))['epoch'] == 1
+
+
+def test_legacy_checkpoint_with_numpy_scalars_loads_through_the_public_allow_list(tmp_path):
+    path = tmp_path / 'legacy.pt'
+    torch.save({'state_dict': {'w': torch.ones(1)}, 'best_acc1': np.float64(42.5),
+                'args': argparse.Namespace(lr=np.float64(0.5), model='SLIP_VITB16')}, path)  # as numpy-era runs saved
+    ckpt = utils.load_checkpoint(str(path))
+    assert ckpt['best_acc1'] == 42.5 and ckpt['args'] == {'lr': 0.5, 'model': 'SLIP_VITB16'}
+    assert utils.NUMPY_SCALAR is np.float64(1).__reduce__()[0]  # what numpy pickles scalars with, not a private path
+
+
+@pytest.mark.parametrize('cores, expected', [(1, 1), (2, 2), (8, 8), (64, 10)])
+def test_default_workers_follow_the_machine_up_to_ten(monkeypatch, cores, expected):
+    import eval_zeroshot
+    import main_linear
+    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: set(range(cores)))
+    assert utils.default_workers() == expected
+    for module in (eval_zeroshot, main_linear):
+        assert module.get_args_parser().parse_args([]).workers == expected
