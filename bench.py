@@ -128,7 +128,7 @@ class TrainStep:
         self.device = device
         data = synthetic_batch(self.spec, self.batch_size * self.update_freq, device, args.seed)
         self.micro_batches = data.chunk(self.update_freq)
-        self.times, self.flops, self.peak_rss_gb, self.step_rss_gb = [], None, 0.0, 0.0
+        self.times, self.flops, self.peak_rss_gb = [], None, 0.0
 
     @property
     def samples(self) -> int:
@@ -145,7 +145,6 @@ class TrainStep:
             _sync(self.device)
             self.times.append(time.perf_counter() - t)
         self.peak_rss_gb = max(self.peak_rss_gb, rss.peak_gb)
-        self.step_rss_gb = max(self.step_rss_gb, rss.peak_gb - rss.start_gb)  # what the step itself adds
 
     def count_flops(self):
         from torch.utils.flop_counter import FlopCounterMode
@@ -204,14 +203,19 @@ def _peak_tflops(args, device):
 
 
 def bench_train(args, device):
-    if args.compare_accum:  # K micro-batches of B, exact accumulation, against one batch of K x B
-        big = args.batch_size * args.update_freq
-        configs = [TrainStep(args, device, args.baseline, args.batch_size, args.update_freq),
+    if args.compare_accum:  # K micro-batches of B, exact accumulation, against one batch of K x B and the legacy
+        big, k, b = args.batch_size * args.update_freq, args.update_freq, args.batch_size
+        args.legacy_update_freq = False
+        configs = [TrainStep(args, device, args.baseline, b, k, name=f'exact {k}x{b}'),
                    TrainStep(args, device, args.baseline, big, 1, name=f'batch {big}')]
+        args.legacy_update_freq = True  # same micro-batches, one forward each: isolates the extra forward's cost
+        configs.append(TrainStep(args, device, args.baseline, b, k, name=f'legacy {k}x{b}'))
+        args.legacy_update_freq = False
     elif args.compare:
         configs = [TrainStep(args, device, True), TrainStep(args, device, False)]
     else:
         configs = [TrainStep(args, device, args.baseline)]
+    static_gb = _PeakRSS._read()  # every configuration's model and optimizer exist: what a step adds is above this
     for c in configs:
         if args.count_flops or device.type == 'cuda':
             c.count_flops()  # the FLOPs this configuration really executes (on the uncompiled model)
@@ -230,7 +234,7 @@ def bench_train(args, device):
                'update_freq': c.update_freq, 'precision': args.precision, 'device': str(device),
                'step_s_median': med, 'samples_per_s': c.samples / med, 'ms_per_sample': med / c.samples * 1e3,
                'gflops_per_step': c.flops / 1e9 if c.flops else None,
-               'peak_rss_gb': c.peak_rss_gb, 'step_rss_gb': c.step_rss_gb, 'peak_memory_gb': utils.peak_memory_gb(device),
+               'peak_rss_gb': c.peak_rss_gb, 'step_rss_gb': c.peak_rss_gb - static_gb, 'peak_memory_gb': utils.peak_memory_gb(device),
                'mfu': (c.flops / med / (peak * 1e12)) if peak and c.flops else None}
         rows.append(row)
     return rows

@@ -27,10 +27,12 @@ def test_train_compare_prints_rows_and_json(capsys):
 def test_train_compare_accum_runs_k_micro_batches_against_one_big_batch():
     rows = bench.main(parse('train', '--model', 'SLIP_TINY', '--batch-size', 2, '--update-freq', 3, '--device', 'cpu',
                             '--steps', 1, '--precision', 'fp32', '--compare-accum', '--count-flops', '--warmup', 0))
-    accum, big = rows
+    accum, big, legacy = rows
+    assert [r['config'] for r in rows] == ['exact 3x2', 'batch 6', 'legacy 3x2']
     assert (accum['batch_size'], accum['update_freq'], big['batch_size'], big['update_freq']) == (2, 3, 6, 1)
     # exact accumulation runs the towers forward twice: more FLOPs for the same 6 samples, less than twice as many
     assert big['gflops_per_step'] < accum['gflops_per_step'] < 2 * big['gflops_per_step']
+    assert legacy['gflops_per_step'] < accum['gflops_per_step']
     assert all(r['peak_rss_gb'] > 0 and r['ms_per_sample'] > 0 for r in rows)
 
 
