@@ -133,9 +133,10 @@ def test_update_freq_drops_the_micro_batches_that_cannot_fill_a_step(tmp_path):
     assert [e.step for e in events.Scalars('epoch/train_loss')] == [5]  # monotonic with the per-step logs
 
 
-@pytest.mark.parametrize('precision', ['fp32', 'amp'])
-def test_nonfinite_losses_are_skipped_and_counted(tmp_path, monkeypatch, precision):
-    """Calls 2 and 3 of the loss are NaN: exactly those two steps are skipped, the weights stay finite."""
+@pytest.mark.parametrize('precision,update_freq', [('fp32', 1), ('amp', 1), ('amp', 2)])
+def test_nonfinite_losses_are_skipped_and_counted(tmp_path, monkeypatch, precision, update_freq):
+    """Calls 2 and 3 of the loss are NaN: exactly those two steps are skipped, the weights stay finite (with exact
+    accumulation the loss runs once per step, on the whole batch)."""
     import losses
     real = losses.CLIPLoss.forward
     calls = {'n': 0}
@@ -149,7 +150,8 @@ def test_nonfinite_losses_are_skipped_and_counted(tmp_path, monkeypatch, precisi
 
     monkeypatch.setattr(losses.CLIPLoss, 'forward', sometimes_nan)
     stats = main_script.main(tiny_args(tmp_path, 'CLIP_TINY', '--epochs', 1, '--precision', precision,
-                                       '--eval-dataset', 'none'))
+                                       '--eval-dataset', 'none', '--batch-size', 8 // update_freq,
+                                       '--update-freq', update_freq))
     assert calls['n'] == 8 and stats['train_skipped_steps'] == 2  # 64 samples / 8 = 8 steps
     ckpt = utils.load_checkpoint(str(tmp_path / 'checkpoint.pt'))
     assert all(torch.isfinite(v).all() for v in ckpt['state_dict'].values() if v.is_floating_point())
