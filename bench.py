@@ -215,7 +215,6 @@ def bench_train(args, device):
         configs = [TrainStep(args, device, True), TrainStep(args, device, False)]
     else:
         configs = [TrainStep(args, device, args.baseline)]
-    static_gb = _PeakRSS._read()  # every configuration's model and optimizer exist: what a step adds is above this
     for c in configs:
         if args.count_flops or device.type == 'cuda':
             c.count_flops()  # the FLOPs this configuration really executes (on the uncompiled model)
@@ -223,6 +222,7 @@ def bench_train(args, device):
             c.step()  # warm-up (and compilation)
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
+    static_gb = _PeakRSS._read()  # every configuration's model and optimizer state exist: a step adds to this
     for _ in range(args.steps):  # interleaved, so a noisy neighbour hits every configuration alike
         for c in configs:
             c.timed_step()
