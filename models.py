@@ -273,18 +273,19 @@ def _visual_features(visual: nn.Module, views, fuse: bool, class_token_only: boo
     return out
 
 
-def set_dynamic_img_size(visual: nn.Module) -> None:
+def set_dynamic_img_size(visual: nn.Module, enabled: bool = True) -> None:
     """Let a built timm ViT take views of other sizes (multiples of its patch), timm's own way: what
     ``dynamic_img_size=True`` at creation sets (the patch embedding keeps its grid [B, H, W, C] and does not insist
     on the model's size; ``_pos_embed`` then resamples the position embedding with ``resample_abs_pos_embed``, and
-    returns it untouched at the model's own size). No parameter or state_dict key changes (--ssl-view-size)."""
+    returns it untouched at the model's own size). No parameter or state_dict key changes (--ssl-view-size).
+    ``enabled=False`` restores what timm builds by default (fixed size, flattened patch tokens)."""
     from timm.layers import Format
     if not _is_vit(visual):
         raise ValueError(f'--ssl-view-size needs a timm ViT image tower, not {type(visual).__name__}')
-    visual.dynamic_img_size = True
-    visual.patch_embed.strict_img_size = False
-    visual.patch_embed.flatten = False
-    visual.patch_embed.output_fmt = Format.NHWC
+    visual.dynamic_img_size = enabled
+    visual.patch_embed.strict_img_size = not enabled
+    visual.patch_embed.flatten = not enabled
+    visual.patch_embed.output_fmt = Format.NHWC if enabled else Format.NCHW
 
 
 # ----------------------------------------------------------------------------------------------------------------
