@@ -90,7 +90,8 @@ def synthetic_batch(spec, batch_size, device, seed=0, ssl_view_size=None, ssl_ma
     views, as main.py's workers would draw them."""
     g = torch.Generator().manual_seed(seed)
     size, ssl_size = spec.image_size, ssl_view_size or spec.image_size
-    views = [torch.randn(batch_size, 3, s, s, generator=g) for s in (size, ssl_size, ssl_size)]
+    views = [torch.randn(batch_size, 3, size, size, generator=g) for _ in range(3)]
+    views[1:] = [v[:, :, :ssl_size, :ssl_size].contiguous() for v in views[1:]]  # the same captions at any size
     text = torch.zeros(batch_size, 77, dtype=torch.long)
     for i in range(batch_size):  # start, 8-30 word-piece ids, end
         n = int(torch.randint(8, 31, (1,), generator=g))
