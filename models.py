@@ -13,6 +13,10 @@ Three shortcuts skip work that cannot change the result (all switchable, all tes
   * Under the causal mask nothing after a caption's end-of-text token can reach its embedding, so each caption runs
     only up to that token; the captions are packed ([total tokens, width]) for every projection and MLP.
 
+Cheaper SimCLR views (main.py's --ssl-view-size, --ssl-mask-ratio, --clip-mask-ratio; off by default): the ViT
+takes smaller views through timm's own resampled position embedding (``set_dynamic_img_size``), and a view whose
+batch carries kept patch indices runs its blocks on those patches and the class token only (``vit_embed``).
+
 References:
   SLIP: Mu et al., "SLIP: Self-supervision meets Language-Image Pre-training", arXiv 2112.12750.
   CLIP: Radford et al., "Learning Transferable Visual Models From Natural Language Supervision", arXiv 2103.00020.
