@@ -170,7 +170,7 @@ class TrainStep:
         data = synthetic_batch(self.spec, self.batch_size * self.update_freq, device, args.seed,
                                **{k: v for k, v in self.options.items() if self.spec.has_ssl or k == 'clip_mask_ratio'})
         self.micro_batches = data.chunk(self.update_freq)
-        self.times, self.flops, self.peak_rss_gb, self.step_rss_gb = [], None, 0.0, 0.0
+        self.times, self.cpu_times, self.flops, self.peak_rss_gb, self.step_rss_gb = [], [], None, 0.0, 0.0
 
     @property
     def samples(self) -> int:
@@ -188,10 +188,11 @@ class TrainStep:
     def timed_step(self):
         _sync(self.device)
         with _PeakRSS() as rss:
-            t = time.perf_counter()
+            t, cpu = time.perf_counter(), time.process_time()
             self.step()
             _sync(self.device)
             self.times.append(time.perf_counter() - t)
+            self.cpu_times.append(time.process_time() - cpu)  # CPU seconds of this process: steadier on a shared host
         self.peak_rss_gb = max(self.peak_rss_gb, rss.peak_gb)
         self.step_rss_gb = max(self.step_rss_gb, rss.peak_gb - rss.start_gb)  # what the step itself adds
 
@@ -285,13 +286,15 @@ def bench_train(args, device):
         med = statistics.median(c.times)
         row = {'mode': 'train', 'model': c.spec.name, 'config': c.name, 'batch_size': c.batch_size,
                'update_freq': c.update_freq, 'precision': args.precision, 'device': str(device),
-               'step_s_median': med, 'samples_per_s': c.samples / med, 'ms_per_sample': med / c.samples * 1e3,
+               'step_s_median': med, 'cpu_s_median': statistics.median(c.cpu_times),
+               'samples_per_s': c.samples / med, 'ms_per_sample': med / c.samples * 1e3,
                'gflops_per_step': c.flops / 1e9 if c.flops else None,
                'peak_rss_gb': c.peak_rss_gb, 'step_rss_gb': c.step_rss_gb, 'peak_memory_gb': utils.peak_memory_gb(device),
                'mfu': (c.flops / med / (peak * 1e12)) if peak and c.flops else None}
         if args.clip_reference:  # configs[0] is CLIP at the same size
             ref = configs[0]
             row['time_vs_clip'] = med / statistics.median(ref.times)
+            row['cpu_time_vs_clip'] = row['cpu_s_median'] / statistics.median(ref.cpu_times)
             row['flops_vs_clip'] = c.flops / ref.flops if c.flops and ref.flops else None
         rows.append(row)
     return rows
