@@ -239,7 +239,8 @@ class PairMaker:
                     sample.aug1, sample.aug2 = a1, a2
             # the kept tokens are drawn after every draw above, so runs without masking see the same views
             if self.ssl_keep is not None:
-                sample.aug1_keep, sample.aug2_keep = augment.draw_keep(*self.ssl_keep), augment.draw_keep(*self.ssl_keep)
+                sample.aug1_keep = augment.draw_keep(*self.ssl_keep)
+                sample.aug2_keep = augment.draw_keep(*self.ssl_keep)
             if self.clip_keep is not None:
                 sample.image_keep = augment.draw_keep(*self.clip_keep)
         return sample

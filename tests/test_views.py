@@ -124,7 +124,8 @@ def test_view_size_reaches_the_model_with_timms_position_embedding():
     timm_vit.load_state_dict(model.visual.state_dict(), strict=True)
     x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
     # the position embedding of a 4x4 grid, resampled by timm from the 8x8 one, and the tokens it gives
-    assert torch.equal(models.vit_embed(model.visual, x), timm_vit.norm_pre(timm_vit._pos_embed(timm_vit.patch_embed(x))))
+    timm_tokens = timm_vit.norm_pre(timm_vit._pos_embed(timm_vit.patch_embed(x)))
+    assert torch.equal(models.vit_embed(model.visual, x), timm_tokens)
     assert models.vit_embed(model.visual, x).shape == (3, 1 + 16, 64)
     torch.testing.assert_close(model.visual(x), timm_vit(x), rtol=0, atol=0)
     torch.testing.assert_close(models.visual_forward(model.visual, x), timm_vit(x), rtol=1e-10, atol=1e-12)
@@ -267,7 +268,8 @@ def test_flops_fall_with_smaller_and_masked_views():
     assert quarter - small == 2 * 8 * 48 * 2 * (3 * 8 * 8) * 64
     assert default > clip_half > half  # one view masked instead of two
     # the SimCLR views' share: a CLIP model's towers are the text and one full view, SLIP's two more views
-    clip = _tower_flops(_model('CLIP_TINY', torch.float32), bench.synthetic_batch(models.get_spec('CLIP_TINY'), 8, 'cpu'))
+    clip_batch = bench.synthetic_batch(models.get_spec('CLIP_TINY'), 8, 'cpu')
+    clip = _tower_flops(_model('CLIP_TINY', torch.float32), clip_batch)
     per_view = (default - clip) / 2
     # 1 + 16 of 1 + 64 tokens in the blocks (the patch embedding still sees all 64): well under half of their work
     assert 0.2 < (quarter - clip) / (2 * per_view) < 0.45
