@@ -2,7 +2,6 @@
 --clip-mask-ratio (kept patch tokens drawn per sample). Defaults bitwise, shapes, masks, accumulation, resume, FLOPs."""
 import argparse
 import copy
-import os
 import signal
 import subprocess
 import time
@@ -16,7 +15,6 @@ from torch.utils.flop_counter import FlopCounterMode
 import augment
 import bench
 import datasets
-import engine as engine_lib
 import losses
 import main as main_script
 import models
@@ -318,3 +316,15 @@ def test_sigkill_and_restart_with_view_options_equals_uninterrupted_bitwise(tmp_
     assert ref.keys() == resumed.keys()
     for k in ref:
         assert torch.equal(ref[k], resumed[k]), k
+
+
+def test_options_run_under_bf16_autocast():
+    model = _model(dtype=torch.float32)
+    models.set_dynamic_img_size(model.visual)
+    batch = bench.synthetic_batch(models.get_spec('SLIP_TINY'), 4, 'cpu', ssl_view_size=32, ssl_mask_ratio=0.5,
+                                  clip_mask_ratio=0.5)
+    with utils.autocast('amp_bf16', torch.device('cpu')):
+        out = model(batch)
+    loss = losses.get_loss('SLIP_TINY')(out)['loss']
+    loss.backward()
+    assert torch.isfinite(loss) and model.visual.pos_embed.grad is not None
