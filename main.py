@@ -148,7 +148,7 @@ def resolve_view_args(args, spec):
 def build_model(args, device):
     """The bare model on ``device``; the engine wraps it in DDP and torch.compile."""
     model = models.create_model(args.model, args.ssl_mlp_dim, args.ssl_emb_dim).to(device)
-    if args.ssl_view_size != models.get_spec(args.model).image_size:
+    if getattr(args, 'ssl_view_size', None) not in (None, models.get_spec(args.model).image_size):
         models.set_dynamic_img_size(model.visual)  # the SimCLR views are smaller: resample the position embedding
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
