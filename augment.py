@@ -1,8 +1,8 @@
 """The image views of pre-training, the batch that carries them, and how it is finished on the device.
 
 ``Batch`` is the one container of a sample's or a batch's inputs (views, tokens, --device-augment parameters, the
-bad-image count): workers make it, ``Batch.collate`` stacks it, ``finish_views`` completes it on the device and the
-models' ``forward`` takes it.
+bad-image count, the kept patch tokens of masked views): workers make it, ``Batch.collate`` stacks it,
+``finish_views`` completes it on the device and the models' ``forward`` takes it.
 
 ``build_transforms(size, image_format)`` gives the CLIP view, the SimCLR augmentation and the evaluation transform:
   * 'float': ImageNet-normalised float tensors made in the worker (the original);
@@ -16,6 +16,7 @@ models' ``forward`` takes it.
 References: SimCLR (Chen et al., arXiv 2002.05709) and MoCo v3 (arXiv 2104.02057) augmentations; HSV as in PIL.
 """
 import dataclasses
+import math
 import random
 from dataclasses import dataclass
 from typing import Callable, ClassVar, Dict, List, Optional, Sequence, Tuple
@@ -49,7 +50,9 @@ class Batch:
     ``image`` is the CLIP view, ``aug1``/``aug2`` the two SimCLR views: float [3, H, W] (normalised), or uint8
     [H, W, 3] that ``finish_views`` normalises on the device; ``text`` the token ids [77]; ``aug_params``
     --device-augment's colour and blur parameters [2, 12] of (aug1, aug2); ``n_bad`` the number of bad images
-    skipped to make this sample (0-dim int64). Batched, every field gains a leading batch dimension.
+    skipped to make this sample (0-dim int64); ``image_keep``/``aug1_keep``/``aug2_keep`` (only with
+    --clip-mask-ratio / --ssl-mask-ratio > 0) the indices [n_keep] int64 of the view's patch tokens the model keeps
+    (sorted; the class token is always kept besides). Batched, every field gains a leading batch dimension.
     """
     VIEWS: ClassVar[Tuple[str, ...]] = ('image', 'aug1', 'aug2')
 
@@ -59,6 +62,9 @@ class Batch:
     aug2: Optional[torch.Tensor] = None
     aug_params: Optional[torch.Tensor] = None
     n_bad: Optional[torch.Tensor] = None
+    image_keep: Optional[torch.Tensor] = None
+    aug1_keep: Optional[torch.Tensor] = None
+    aug2_keep: Optional[torch.Tensor] = None
 
     def tensors(self) -> Dict[str, torch.Tensor]:
         """The fields that are set, by name."""
@@ -94,6 +100,19 @@ class Batch:
         return Batch(**{k: torch.cat([getattr(b, k) for b in batches]) for k in batches[0].tensors()})
 
 
+def keep_count(num_patches: int, mask_ratio: float) -> int:
+    """Patch tokens a view keeps at ``mask_ratio``: (1 - ratio) x num_patches rounded half up, at least 1."""
+    if not 0 <= mask_ratio < 1:
+        raise ValueError(f'a mask ratio must be in [0, 1), got {mask_ratio}')
+    return max(1, int(math.floor((1 - mask_ratio) * num_patches + 0.5)))
+
+
+def draw_keep(num_patches: int, n_keep: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """A uniformly random set of ``n_keep`` of ``num_patches`` patch indices, sorted: [n_keep] int64. Draws from
+    torch's default generator (seeded per sample in the workers) unless ``generator`` is given."""
+    return torch.randperm(num_patches, generator=generator)[:n_keep].sort().values
+
+
 class ToUint8:
     """PIL image -> uint8 tensor [H, W, 3] (its own memory layout: no copy to channels-first in the worker);
     finish_views turns a batch of them into ToTensor + Normalize's [B, 3, H, W] floats on the device."""
@@ -121,8 +140,10 @@ class CropFlipParams:
         return ToUint8()(img), params  # params: [12] = (jitter on, 4 factors, 4 order, grayscale, blur, sigma)
 
 
-def build_transforms(image_size: int, image_format: str = 'float') -> Tuple[Callable, Callable, Callable]:
-    """Returns (clip_transform, ssl_augment, val_transform) at ``image_size`` px.
+def build_transforms(image_size: int, image_format: str = 'float',
+                     ssl_size: Optional[int] = None) -> Tuple[Callable, Callable, Callable]:
+    """Returns (clip_transform, ssl_augment, val_transform) at ``image_size`` px; the SimCLR views at ``ssl_size``
+    px (default ``image_size``; --ssl-view-size).
 
     ``image_format`` 'float' gives ImageNet-normalised tensors (the original); 'uint8' the same views as uint8
     [H, W, 3] tensors, normalised by ``finish_views`` on the device (bitwise the same result, a quarter of the bytes);
@@ -135,15 +156,16 @@ def build_transforms(image_size: int, image_format: str = 'float') -> Tuple[Call
         raise ValueError(f'image_format {image_format!r}: expected one of {IMAGE_FORMATS}')
     finish = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)] if image_format == 'float' else [ToUint8()]
     clip = T.Compose([T.RandomResizedCrop(image_size, scale=(0.5, 1.0)), *finish])
+    ssl_size = ssl_size or image_size
     ssl = T.Compose([
-        T.RandomResizedCrop(image_size, scale=(0.08, 1.0)),  # crop first: the colour ops then touch few pixels
+        T.RandomResizedCrop(ssl_size, scale=(0.08, 1.0)),  # crop first: the colour ops then touch few pixels
         T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
         T.RandomGrayscale(p=0.2),
         T.RandomApply([GaussianBlur((0.1, 2.0))], p=0.5),
         T.RandomHorizontalFlip(),
         *finish])
     if image_format == 'device_augment':
-        ssl = CropFlipParams(image_size)
+        ssl = CropFlipParams(ssl_size)
     val = T.Compose([T.Resize(image_size), T.CenterCrop(image_size), T.ToTensor(),
                      T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     return clip, ssl, val

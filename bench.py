@@ -11,6 +11,10 @@ Input pipeline (read, decode, all views, tokenize) in one process, on YFCC-layou
 `--baseline` turns the model's fast paths off (separate view passes, full 77-token text, a full last ViT block,
 unfused attention; in `data`, a zip archive reopened per sample and float views made in the worker); `--compare` runs
 both in one process, interleaved, and prints the ratio. `data --device-augment` adds main.py's --device-augment.
+Cheaper SimCLR views (main.py's --ssl-view-size / --ssl-mask-ratio / --clip-mask-ratio), several in one process,
+interleaved, against CLIP at the same size (step time and FLOPs as ratios to it):
+    python bench.py train --model SLIP_VITS16 --batch-size 8 --precision fp32 --device cpu --steps 3 --warmup 1 \
+        --count-flops --clip-reference --variants 'default;ssl-view-size=112;ssl-mask-ratio=0.5'
 Each configuration prints a table row and one JSON line (`samples_per_s`, `step_s_median`, ...).
 
 Metadata memory (Python lists as before vs compact arrays memory-mapped from the cache, each in a fresh process):
@@ -75,6 +79,16 @@ def get_args_parser():
     p.add_argument('--worker-seconds', default=25.0, type=float, help='how long a forked worker reads records')
     p.add_argument('--forked-workers', default=2, type=int, help='workers reading records at the same time')
     p.add_argument('--metadata-cache', default=None, help='cache folder (default: <root>/metadata_cache)')
+    p.add_argument('--ssl-view-size', default=None, type=int, help='main.py\'s flag (default: the model\'s size)')
+    p.add_argument('--ssl-mask-ratio', default=0.0, type=float, help='main.py\'s flag')
+    p.add_argument('--clip-mask-ratio', default=0.0, type=float, help='main.py\'s flag')
+    p.add_argument('--variants', default=None,
+                   help="train: several view options in one process, interleaved, ';'-separated, each 'default' or "
+                        "comma-separated flag=value, e.g. 'default;ssl-view-size=112;ssl-mask-ratio=0.5,"
+                        "ssl-view-size=160' (one model and engine shared by all)")
+    p.add_argument('--clip-reference', action='store_true',
+                   help='train: also time the CLIP model of the same size (SLIP_X -> CLIP_X) and print every row\'s '
+                        'step time and FLOPs as ratios to it')
     p.add_argument('--seed', default=0, type=int)
     return p
 
@@ -82,11 +96,18 @@ def get_args_parser():
 # ----------------------------------------------------------------------------------------------------------------
 # Training step
 # ----------------------------------------------------------------------------------------------------------------
-def synthetic_batch(spec, batch_size, device, seed=0) -> augment.Batch:
-    """Random views and captions of 8-30 word pieces (typical alt-text lengths), as the family needs them."""
+VIEW_OPTIONS = ('ssl_view_size', 'ssl_mask_ratio', 'clip_mask_ratio')
+
+
+def synthetic_batch(spec, batch_size, device, seed=0, ssl_view_size=None, ssl_mask_ratio=0.0,
+                    clip_mask_ratio=0.0) -> augment.Batch:
+    """Random views and captions of 8-30 word pieces (typical alt-text lengths), as the family needs them; the
+    SimCLR views at ``ssl_view_size`` px, and random kept patch indices (from the seeded generator) for the masked
+    views, as main.py's workers would draw them."""
     g = torch.Generator().manual_seed(seed)
-    size = spec.image_size
+    size, ssl_size = spec.image_size, ssl_view_size or spec.image_size
     views = [torch.randn(batch_size, 3, size, size, generator=g) for _ in range(3)]
+    views[1:] = [v[:, :, :ssl_size, :ssl_size].contiguous() for v in views[1:]]  # the same captions at any size
     text = torch.zeros(batch_size, 77, dtype=torch.long)
     for i in range(batch_size):  # start, 8-30 word-piece ids, end
         n = int(torch.randint(8, 31, (1,), generator=g))
@@ -97,7 +118,32 @@ def synthetic_batch(spec, batch_size, device, seed=0) -> augment.Batch:
         batch.image, batch.text = views[0], text
     if spec.has_ssl:
         batch.aug1, batch.aug2 = views[1], views[2]
+
+    def keeps(view_size, ratio):
+        n = (view_size // spec.patch_size) ** 2
+        return torch.stack([augment.draw_keep(n, augment.keep_count(n, ratio), g) for _ in range(batch_size)])
+
+    if spec.has_ssl and ssl_mask_ratio:
+        batch.aug1_keep, batch.aug2_keep = keeps(ssl_size, ssl_mask_ratio), keeps(ssl_size, ssl_mask_ratio)
+    if spec.has_text and clip_mask_ratio:
+        batch.image_keep = keeps(size, clip_mask_ratio)
     return batch.to(device)
+
+
+def parse_variants(text):
+    """'default;ssl-view-size=112;ssl-mask-ratio=0.5,ssl-view-size=160' -> [(name, {option: value})]."""
+    out = []
+    for item in filter(None, (v.strip() for v in text.split(';'))):
+        options = {}
+        for part in filter(None, (p.strip() for p in ('' if item == 'default' else item).split(','))):
+            key, _, value = part.partition('=')
+            key = key.strip().lstrip('-').replace('-', '_')
+            if key not in VIEW_OPTIONS or not value:
+                raise ValueError(f'--variants: {part!r} is not flag=value with a flag among '
+                                 f'{", ".join(o.replace("_", "-") for o in VIEW_OPTIONS)}')
+            options[key] = int(value) if key == 'ssl_view_size' else float(value)
+        out.append((item, options))
+    return out
 
 
 class TrainStep:
@@ -107,47 +153,67 @@ class TrainStep:
     the model's exact shortcuts off (models.set_fast_paths).
     """
 
-    def __init__(self, args, device, baseline, batch_size=None, update_freq=None, name=None):
+    def __init__(self, args, device, baseline, batch_size=None, update_freq=None, name=None, model_name=None,
+                 options=None, shared=None):
+        """``options``: the view options (VIEW_OPTIONS; default: bench.py's flags); ``shared``: a dict in which
+        configurations of one model name share a model and an engine (--variants: only their batches differ)."""
         import main
         torch.manual_seed(args.seed)
         self.batch_size = batch_size or args.batch_size
         self.update_freq = update_freq or args.update_freq
         accum = f' {self.update_freq}x{self.batch_size}' if args.compare_accum else ''
         self.name = name or ('baseline' if baseline else 'fast' + ('+compile' if args.compile else '')) + accum
-        self.spec = models.get_spec(args.model)
-        self.model = models.create_model(args.model).to(device)
-        models.set_fast_paths(self.model, not baseline)
-        if args.grad_checkpointing:
-            self.model.set_grad_checkpointing(True)
-        train_args = main.get_args_parser().parse_args(['--model', args.model])  # main.py's defaults: lr, wd, ...
-        train_args.update_freq, train_args.legacy_update_freq = self.update_freq, args.legacy_update_freq
-        train_args.precision, train_args.distributed = args.precision, False
-        train_args.compile = args.compile and not baseline
-        self.engine = main.build_engine(self.model, train_args, device)
+        model_name = model_name or args.model
+        self.spec = models.get_spec(model_name)
+        self.options = {k: getattr(args, k) for k in VIEW_OPTIONS} if options is None else dict(options)
+        self.dynamic = (self.options.get('ssl_view_size') or self.spec.image_size) != self.spec.image_size
+        if shared is not None and model_name in shared:
+            self.model, self.engine = shared[model_name]
+        else:
+            self.model = models.create_model(model_name).to(device)
+            models.set_fast_paths(self.model, not baseline)
+            if args.grad_checkpointing:
+                self.model.set_grad_checkpointing(True)
+            train_args = main.get_args_parser().parse_args(['--model', model_name])  # main.py's defaults: lr, wd...
+            train_args.update_freq, train_args.legacy_update_freq = self.update_freq, args.legacy_update_freq
+            train_args.precision, train_args.distributed = args.precision, False
+            train_args.compile = args.compile and not baseline
+            self.engine = main.build_engine(self.model, train_args, device)
+            if shared is not None:
+                shared[model_name] = self.model, self.engine
         self.engine.train()
         self.device = device
-        data = synthetic_batch(self.spec, self.batch_size * self.update_freq, device, args.seed)
+        data = synthetic_batch(self.spec, self.batch_size * self.update_freq, device, args.seed,
+                               **{k: v for k, v in self.options.items() if self.spec.has_ssl or k == 'clip_mask_ratio'})
         self.micro_batches = data.chunk(self.update_freq)
-        self.times, self.flops, self.peak_rss_gb = [], None, 0.0
+        self.times, self.cpu_times, self.flops, self.peak_rss_gb = [], [], None, 0.0
 
     @property
     def samples(self) -> int:
         return self.batch_size * self.update_freq
 
+    def _set_size_mode(self):
+        """A shared model takes smaller SimCLR views only in the configurations that have them (main.py's rule)."""
+        if self.spec.patch_size is not None and getattr(self.model.visual, 'dynamic_img_size', False) != self.dynamic:
+            models.set_dynamic_img_size(self.model.visual, self.dynamic)
+
     def step(self):
+        self._set_size_mode()
         self.engine.step(self.micro_batches)
 
     def timed_step(self):
         _sync(self.device)
         with _PeakRSS() as rss:
-            t = time.perf_counter()
+            t, cpu = time.perf_counter(), time.process_time()
             self.step()
             _sync(self.device)
             self.times.append(time.perf_counter() - t)
+            self.cpu_times.append(time.process_time() - cpu)  # CPU seconds of this process: steadier on a shared host
         self.peak_rss_gb = max(self.peak_rss_gb, rss.peak_gb)
 
     def count_flops(self):
         from torch.utils.flop_counter import FlopCounterMode
+        self._set_size_mode()
         net, self.engine.net = self.engine.net, self.engine.eager  # count the FLOPs of the uncompiled step
         counter = FlopCounterMode(display=False)
         with counter:
@@ -213,8 +279,16 @@ def bench_train(args, device):
         args.legacy_update_freq = False
     elif args.compare:
         configs = [TrainStep(args, device, True), TrainStep(args, device, False)]
+    elif args.variants:  # view options, all on one shared model and engine
+        shared = {}
+        configs = [TrainStep(args, device, args.baseline, name=name, options=opt, shared=shared)
+                   for name, opt in parse_variants(args.variants)]
     else:
         configs = [TrainStep(args, device, args.baseline)]
+    if args.clip_reference:
+        clip_name = models.get_spec(args.model).name.replace('SLIP_', 'CLIP_').replace('SIMCLR_', 'CLIP_')
+        configs.insert(0, TrainStep(args, device, args.baseline, name=f'{clip_name} (reference)',
+                                    model_name=clip_name, options={}))
     for c in configs:
         if args.count_flops or device.type == 'cuda':
             c.count_flops()  # the FLOPs this configuration really executes (on the uncompiled model)
@@ -230,12 +304,19 @@ def bench_train(args, device):
     rows = []
     for c in configs:
         med = statistics.median(c.times)
-        row = {'mode': 'train', 'model': args.model, 'config': c.name, 'batch_size': c.batch_size,
+        row = {'mode': 'train', 'model': c.spec.name, 'config': c.name, 'batch_size': c.batch_size,
                'update_freq': c.update_freq, 'precision': args.precision, 'device': str(device),
-               'step_s_median': med, 'samples_per_s': c.samples / med, 'ms_per_sample': med / c.samples * 1e3,
+               'step_s_median': med, 'cpu_s_median': statistics.median(c.cpu_times),
+               'samples_per_s': c.samples / med, 'ms_per_sample': med / c.samples * 1e3,
                'gflops_per_step': c.flops / 1e9 if c.flops else None,
-               'peak_rss_gb': c.peak_rss_gb, 'step_rss_gb': c.peak_rss_gb - static_gb, 'peak_memory_gb': utils.peak_memory_gb(device),
+               'peak_rss_gb': c.peak_rss_gb, 'step_rss_gb': c.peak_rss_gb - static_gb,
+               'peak_memory_gb': utils.peak_memory_gb(device),
                'mfu': (c.flops / med / (peak * 1e12)) if peak and c.flops else None}
+        if args.clip_reference:  # configs[0] is CLIP at the same size
+            ref = configs[0]
+            row['time_vs_clip'] = med / statistics.median(ref.times)
+            row['cpu_time_vs_clip'] = row['cpu_s_median'] / statistics.median(ref.cpu_times)
+            row['flops_vs_clip'] = c.flops / ref.flops if c.flops and ref.flops else None
         rows.append(row)
     return rows
 

@@ -33,6 +33,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFile
 
 import metadata as metadata_lib
+import augment
 import utils
 from augment import IMAGENET_MEAN, IMAGENET_STD, Batch, build_transforms  # noqa: F401 (re-exported)
 
@@ -209,13 +210,17 @@ def pick_caption(captions: Sequence[str], rng: np.random.Generator) -> str:
 class PairMaker:
     """Turns one decoded image and its caption into the family's views, from one seed (decode once, view many)."""
 
-    def __init__(self, family: str, transforms: Sequence[Callable], tokenizer: Optional[Callable], seed: int):
+    def __init__(self, family: str, transforms: Sequence[Callable], tokenizer: Optional[Callable], seed: int,
+                 ssl_keep: Optional[Tuple[int, int]] = None, clip_keep: Optional[Tuple[int, int]] = None):
+        """``ssl_keep`` / ``clip_keep``: (patches of the view, patches kept) to mask the SimCLR / CLIP views."""
         if family not in ('clip', 'simclr', 'slip'):
             raise ValueError(f'unknown model family {family!r}; expected clip, simclr or slip')
         if family != 'simclr' and tokenizer is None:
             raise ValueError(f'a {family} dataset needs a tokenizer')
         self.family, self.tokenizer, self.seed = family, tokenizer, int(seed) % 2 ** 64
         self.clip_transform, self.ssl_augment = transforms[0], transforms[1]
+        self.ssl_keep = ssl_keep if family != 'clip' else None
+        self.clip_keep = clip_keep if family != 'simclr' else None
         # Process-local: a DataLoader worker sees set_epoch calls made before it started (or made inside it, as
         # main.py's EpochIndexed does by passing the epoch with each index), not later calls in the main process.
         self.epoch = 0
@@ -238,6 +243,12 @@ class PairMaker:
                     sample.aug1, sample.aug2, sample.aug_params = a1[0], a2[0], torch.stack([a1[1], a2[1]])
                 else:
                     sample.aug1, sample.aug2 = a1, a2
+            # the kept tokens are drawn after every draw above, so runs without masking see the same views
+            if self.ssl_keep is not None:
+                sample.aug1_keep = augment.draw_keep(*self.ssl_keep)
+                sample.aug2_keep = augment.draw_keep(*self.ssl_keep)
+            if self.clip_keep is not None:
+                sample.image_keep = augment.draw_keep(*self.clip_keep)
         return sample
 
 
@@ -259,12 +270,13 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         transforms: (clip_transform, ssl_augment) from build_transforms.
         tokenizer: str -> LongTensor[77] (unused for simclr).
         seed: the run's seed; with the epoch and index it fixes every random choice of a sample.
+        masks: PairMaker's ``ssl_keep`` / ``clip_keep`` (token masking of the views).
     """
 
     def __init__(self, source: Callable, family: str, transforms: Sequence[Callable],
-                 tokenizer: Optional[Callable] = None, seed: int = 0, name: str = ''):
+                 tokenizer: Optional[Callable] = None, seed: int = 0, name: str = '', **masks):
         self.source, self.name = source, name
-        self.maker = PairMaker(family, transforms, tokenizer, seed)
+        self.maker = PairMaker(family, transforms, tokenizer, seed, **masks)
 
     def set_epoch(self, epoch: int) -> None:
         self.maker.set_epoch(epoch)
@@ -348,7 +360,8 @@ class WebDatasetPairs(torch.utils.data.IterableDataset):
     RECENT = 16  # recently drawn samples: the replacement pool for a bad image when the buffer is empty
 
     def __init__(self, urls: str, num_samples: Optional[int], family: str, transforms: Sequence[Callable],
-                 tokenizer: Optional[Callable] = None, seed: int = 0, batch_size: int = 1, shuffle_buffer: int = 1000):
+                 tokenizer: Optional[Callable] = None, seed: int = 0, batch_size: int = 1,
+                 shuffle_buffer: int = 1000, **masks):
         from webdataset.shardlists import expand_urls
 
         if not num_samples or int(num_samples) <= 0:
@@ -362,7 +375,7 @@ class WebDatasetPairs(torch.utils.data.IterableDataset):
             raise FileNotFoundError(f'{len(missing)} of {len(self.shards)} shards of {urls!r} not found: {missing[:3]}')
         self.num_samples = int(num_samples)
         self.rank, self.world_size = utils.get_rank(), utils.get_world_size()
-        self.maker = PairMaker(family, transforms, tokenizer, seed)
+        self.maker = PairMaker(family, transforms, tokenizer, seed, **masks)
         self.shuffle_buffer = int(shuffle_buffer)
         self.batch_size, self.start_batch = int(batch_size), 0
 
@@ -573,18 +586,30 @@ class DemoZeroShotDataset(torch.utils.data.Dataset):
         return (self.transform(img) if self.transform is not None else img), label
 
 
+def _keep_spec(spec: Any, size: int, ratio: float) -> Optional[Tuple[int, int]]:
+    """(patches of a ``size``-px view, patches kept at mask ``ratio``), or None without masking."""
+    if not ratio:
+        return None
+    num_patches = (size // spec.patch_size) ** 2
+    return num_patches, augment.keep_count(num_patches, ratio)
+
+
 def get_train_dataset(args: Any, tokenizer: Optional[Callable]) -> torch.utils.data.Dataset:
     """The pre-training dataset named by ``args.dataset`` with the views of ``args.model``'s family.
 
     Reads args.dataset, root, metadata, metadata_cache (a folder; default none: held in memory), model, seed,
-    image_format (default 'float'; see build_transforms), demo_samples (demo) and train_num_samples (wds).
+    image_format (default 'float'; see build_transforms), ssl_view_size, ssl_mask_ratio and clip_mask_ratio
+    (default: the model's size, no masking), demo_samples (demo) and train_num_samples (wds).
     Map-style datasets and the wds IterableDataset both have ``set_epoch``; the wds one has ``num_samples``.
     """
     import models
 
     spec = models.get_spec(args.model)
-    clip_t, ssl_t, _ = build_transforms(spec.image_size, getattr(args, 'image_format', 'float'))
-    common = dict(family=spec.family, transforms=(clip_t, ssl_t), tokenizer=tokenizer, seed=getattr(args, 'seed', 0))
+    ssl_size = getattr(args, 'ssl_view_size', None) or spec.image_size
+    clip_t, ssl_t, _ = build_transforms(spec.image_size, getattr(args, 'image_format', 'float'), ssl_size)
+    common = dict(family=spec.family, transforms=(clip_t, ssl_t), tokenizer=tokenizer, seed=getattr(args, 'seed', 0),
+                  ssl_keep=_keep_spec(spec, ssl_size, getattr(args, 'ssl_mask_ratio', 0.0)),
+                  clip_keep=_keep_spec(spec, spec.image_size, getattr(args, 'clip_mask_ratio', 0.0)))
     if args.dataset == 'wds':
         return WebDatasetPairs(args.root, getattr(args, 'train_num_samples', None), batch_size=getattr(
             args, 'batch_size', 1), shuffle_buffer=getattr(args, 'wds_shuffle_buffer', 1000), **common)

@@ -53,6 +53,14 @@ def get_args_parser():
            'with per-GPU statistics, LayerNorm or none (no batch statistics; ln/none change the head\'s keys)')
     a('--ssl-scale', default=1.0, type=float, help='weight of the SimCLR loss in SLIP: clip_loss + scale * ssl_loss')
     a('--ssl-temp', default=0.1, type=float, help='softmax temperature of the SimCLR loss')
+    a('--ssl-view-size', default=None, type=int,
+      help='pixels of the two SimCLR views (default: the model\'s input size); e.g. 112 or 160 for a 224 model: the '
+           'ViT resamples its position embeddings for them (timm), the CLIP view stays at full size')
+    a('--ssl-mask-ratio', default=0.0, type=float,
+      help='share of each SimCLR view\'s patch tokens dropped before the ViT blocks (0: none); the class token and '
+           'round((1 - ratio) x patches) random patches are kept, drawn per sample from its seeded generator')
+    a('--clip-mask-ratio', default=0.0, type=float,
+      help='the same for the CLIP view, in training only (FLIP); evaluation always sees every patch')
     a('--legacy-clip-gather', action='store_true',
       help='gather CLIP features without gradient as the original did (incomplete multi-GPU gradient; only for '
            'exact reproduction of the released runs)')
@@ -154,7 +162,30 @@ def resolve_args(args, device):
         args.eval_dataset = 'none'  # SimCLR has no text tower: no zero-shot check
     # Workers hand over uint8 views, normalised on the device (bitwise what ToTensor + Normalize give, 4x fewer bytes)
     args.image_format = 'device_augment' if args.device_augment else 'uint8'
+    resolve_view_args(args, spec)
     return spec
+
+
+def resolve_view_args(args, spec):
+    """Check --ssl-view-size, --ssl-mask-ratio and --clip-mask-ratio against the model; the view size defaults to
+    the model's input size."""
+    size = getattr(args, 'ssl_view_size', None)
+    args.ssl_mask_ratio = float(getattr(args, 'ssl_mask_ratio', 0.0) or 0.0)
+    args.clip_mask_ratio = float(getattr(args, 'clip_mask_ratio', 0.0) or 0.0)
+    for flag, ratio in (('--ssl-mask-ratio', args.ssl_mask_ratio), ('--clip-mask-ratio', args.clip_mask_ratio)):
+        if not 0 <= ratio < 1:
+            raise ValueError(f'{flag} must be in [0, 1), got {ratio}')
+    ssl_options = size not in (None, spec.image_size) or args.ssl_mask_ratio
+    if ssl_options and not spec.has_ssl:
+        raise ValueError(f'--ssl-view-size and --ssl-mask-ratio need a model with SimCLR views; {spec.name} has none')
+    if args.clip_mask_ratio and not spec.has_text:
+        raise ValueError(f'--clip-mask-ratio needs a model with a CLIP view; {spec.name} has none')
+    if (ssl_options or args.clip_mask_ratio) and spec.patch_size is None:
+        raise ValueError(f'--ssl-view-size, --ssl-mask-ratio and --clip-mask-ratio need a ViT; {spec.name} is not one')
+    if size is not None and not (0 < size <= spec.image_size and size % spec.patch_size == 0):
+        raise ValueError(f'--ssl-view-size must be a positive multiple of {spec.name}\'s patch size '
+                         f'({spec.patch_size}) not above its input size ({spec.image_size}), got {size}')
+    args.ssl_view_size = size or spec.image_size
 
 
 def build_model(args, device):
@@ -162,6 +193,8 @@ def build_model(args, device):
     head = {'ssl_head_norm': 'bn' if args.ssl_head_norm == 'syncbn' else args.ssl_head_norm} \
         if models.get_spec(args.model).has_ssl else {}
     model = models.create_model(args.model, args.ssl_mlp_dim, args.ssl_emb_dim, **head).to(device)
+    if getattr(args, 'ssl_view_size', None) not in (None, models.get_spec(args.model).image_size):
+        models.set_dynamic_img_size(model.visual)  # the SimCLR views are smaller: resample the position embedding
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
     # SyncBatchNorm needs CUDA; on CPU each rank keeps its own BN statistics
@@ -271,7 +304,7 @@ def run_zeroshot(model, args, assets, tokenizer, device):
 RESUME_FIELDS = ('model', 'ssl_mlp_dim', 'ssl_emb_dim', 'ssl_scale', 'ssl_temp', 'legacy_clip_gather', 'dataset',
                  'ssl_head_norm', 'root', 'metadata', 'train_num_samples', 'demo_samples', 'world_size', 'batch_size',
                  'update_freq', 'legacy_update_freq', 'epochs', 'warmup_epochs', 'lr', 'lr_start', 'lr_end', 'wd', 'betas', 'eps', 'seed', 'precision',
-                 'device_augment')
+                 'device_augment', 'ssl_view_size', 'ssl_mask_ratio', 'clip_mask_ratio')
 # WebDataset: each DataLoader worker reads its own shards, so the number of workers decides the sample order too.
 RESUME_FIELDS_WDS = ('workers', 'wds_shuffle_buffer')
 

@@ -13,6 +13,10 @@ Three shortcuts skip work that cannot change the result (all switchable, all tes
   * Under the causal mask nothing after a caption's end-of-text token can reach its embedding, so each caption runs
     only up to that token; the captions are packed ([total tokens, width]) for every projection and MLP.
 
+Cheaper SimCLR views (main.py's --ssl-view-size, --ssl-mask-ratio, --clip-mask-ratio; off by default): the ViT
+takes smaller views through timm's own resampled position embedding (``set_dynamic_img_size``), and a view whose
+batch carries kept patch indices runs its blocks on those patches and the class token only (``vit_embed``).
+
 References:
   SLIP: Mu et al., "SLIP: Self-supervision meets Language-Image Pre-training", arXiv 2112.12750.
   CLIP: Radford et al., "Learning Transferable Visual Models From Natural Language Supervision", arXiv 2103.00020.
@@ -183,14 +187,33 @@ def _class_token_only_ok(visual: nn.Module) -> bool:
     return not (block.training and any(isinstance(m, nn.Dropout) and m.p > 0 for m in block.modules()))
 
 
-def vit_class_token_features(visual: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def keep_tokens(x: torch.Tensor, keep: Optional[torch.Tensor], num_prefix: int = 1) -> torch.Tensor:
+    """x [B, P + N, C] (P prefix tokens, then N patch tokens) -> [B, P + n, C]: the prefix tokens first, then the
+    patch tokens listed in ``keep`` [B, n] (indices into the N patches). ``keep`` None: x unchanged."""
+    if keep is None:
+        return x
+    C = x.shape[-1]
+    patches = x[:, num_prefix:].gather(1, keep[:, :, None].expand(-1, -1, C))
+    return torch.cat([x[:, :num_prefix], patches], dim=1)
+
+
+def vit_embed(visual: nn.Module, x: torch.Tensor, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """A timm ViT's tokens before its blocks: patch and position embedding (timm's own, resampled by its
+    ``_pos_embed`` when the tower is dynamic and the view is smaller), then only the kept patch tokens (``keep``
+    [B, n], after the position embedding, so every token keeps its place), then timm's patch_drop and norm_pre."""
+    x = visual._pos_embed(visual.patch_embed(x))
+    x = keep_tokens(x, keep, getattr(visual, 'num_prefix_tokens', 1))
+    return visual.norm_pre(visual.patch_drop(x))
+
+
+def vit_class_token_features(visual: nn.Module, x: torch.Tensor, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The pooled features of a class-token ViT, with its last block run for the class token alone.
 
     Only the class token leaves the last block, so there its queries, attention output, projection and MLP are
     needed for one token instead of all of them (keys and values still come from every token): about 7% of a
-    ViT-S/B/L pass. Equal to ``visual(x)`` up to float rounding (tested in float64).
+    ViT-S/B/L pass. Equal to ``visual(x)`` up to float rounding (tested in float64). ``keep``: see ``vit_embed``.
     """
-    x = visual.norm_pre(visual.patch_drop(visual._pos_embed(visual.patch_embed(x))))
+    x = vit_embed(visual, x, keep)
     for block in visual.blocks[:-1]:
         x = checkpoint(block, x, use_reentrant=False) if visual.grad_checkpointing and torch.is_grad_enabled() \
             else block(x)
@@ -213,18 +236,68 @@ def vit_class_token_features(visual: nn.Module, x: torch.Tensor) -> torch.Tensor
     return visual.forward_head(visual.norm(x))  # [B, C]
 
 
-def visual_forward(visual: nn.Module, x: torch.Tensor, class_token_only: bool = True) -> torch.Tensor:
-    """``visual(x)``, through the class-token-only last block where the tower allows it."""
+def vit_masked_features(visual: nn.Module, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``visual(x)`` (every block in full) on the kept patch tokens and the class token only."""
+    x = vit_embed(visual, x, keep)
+    for block in visual.blocks:
+        x = checkpoint(block, x, use_reentrant=False) if visual.grad_checkpointing and torch.is_grad_enabled() \
+            else block(x)
+    return visual.forward_head(visual.norm(x))  # [B, C]
+
+
+def _is_vit(visual: nn.Module) -> bool:
+    from timm.models.vision_transformer import VisionTransformer
+    return isinstance(visual, VisionTransformer) and hasattr(visual, '_pos_embed')
+
+
+def visual_forward(visual: nn.Module, x: torch.Tensor, class_token_only: bool = True,
+                   keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``visual(x)``, through the class-token-only last block where the tower allows it; with ``keep`` [B, n], on
+    those patch tokens (plus the class token) only (--ssl-mask-ratio, --clip-mask-ratio)."""
     if class_token_only and _class_token_only_ok(visual):
-        return vit_class_token_features(visual, x)
-    return visual(x)
+        return vit_class_token_features(visual, x, keep)
+    if keep is None:
+        return visual(x)
+    if not _is_vit(visual):
+        raise ValueError(f'token masking needs a timm ViT image tower, not {type(visual).__name__}')
+    return vit_masked_features(visual, x, keep)
 
 
-def _visual_features(visual: nn.Module, views, fuse: bool, class_token_only: bool = False):
-    """Backbone features of several image views, in one batched pass when allowed and shapes agree."""
-    if fuse and len(views) > 1 and all(v.shape == views[0].shape for v in views):
-        return visual_forward(visual, torch.cat(views), class_token_only).chunk(len(views))  # [V*B, C] -> V x [B, C]
-    return [visual_forward(visual, v, class_token_only) for v in views]
+def _visual_features(visual: nn.Module, views, fuse: bool, class_token_only: bool = False, keeps=None):
+    """Backbone features of several image views (each with its kept patch indices or None), batched together where
+    allowed and their shapes agree: views of one size and one kept-token count share a pass, in their given order
+    (all of them when all agree: one concatenated pass)."""
+    keeps = list(keeps) if keeps is not None else [None] * len(views)
+    if not fuse or len(views) == 1:
+        return [visual_forward(visual, v, class_token_only, k) for v, k in zip(views, keeps)]
+    groups: Dict[tuple, List[int]] = {}  # (view shape, kept count or None) -> view positions, first seen first
+    for i, (v, k) in enumerate(zip(views, keeps)):
+        groups.setdefault((tuple(v.shape), None if k is None else tuple(k.shape)), []).append(i)
+    out = [None] * len(views)
+    for members in groups.values():
+        if len(members) == 1:
+            out[members[0]] = visual_forward(visual, views[members[0]], class_token_only, keeps[members[0]])
+            continue
+        keep = None if keeps[members[0]] is None else torch.cat([keeps[i] for i in members])
+        feats = visual_forward(visual, torch.cat([views[i] for i in members]), class_token_only, keep)
+        for i, f in zip(members, feats.chunk(len(members))):  # [V*B, C] -> V x [B, C]
+            out[i] = f
+    return out
+
+
+def set_dynamic_img_size(visual: nn.Module, enabled: bool = True) -> None:
+    """Let a built timm ViT take views of other sizes (multiples of its patch), timm's own way: what
+    ``dynamic_img_size=True`` at creation sets (the patch embedding keeps its grid [B, H, W, C] and does not insist
+    on the model's size; ``_pos_embed`` then resamples the position embedding with ``resample_abs_pos_embed``, and
+    returns it untouched at the model's own size). No parameter or state_dict key changes (--ssl-view-size).
+    ``enabled=False`` restores what timm builds by default (fixed size, flattened patch tokens)."""
+    from timm.layers import Format
+    if not _is_vit(visual):
+        raise ValueError(f'--ssl-view-size needs a timm ViT image tower, not {type(visual).__name__}')
+    visual.dynamic_img_size = enabled
+    visual.patch_embed.strict_img_size = not enabled
+    visual.patch_embed.flatten = not enabled
+    visual.patch_embed.output_fmt = Format.NHWC if enabled else Format.NCHW
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -295,7 +368,9 @@ class CLIP(nn.Module):
     def towers(self, batch) -> Dict[str, torch.Tensor]:
         """Per-sample outputs of the towers that enter the batch-coupled part (the loss): image and text embeddings."""
         text_embed = self.encode_text(batch.text)  # first: its one host sync (caption lengths) waits on little work
-        return {'image_embed': self.encode_image(batch.image), 'text_embed': text_embed}
+        # training only: the CLIP view may keep a share of its patches (--clip-mask-ratio); encode_image never masks
+        h = visual_forward(self.visual, batch.image, self.class_token_only, batch.image_keep)
+        return {'image_embed': h @ self.image_projection, 'text_embed': text_embed}
 
     def head(self, features: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """What the loss reads, from the towers' outputs of the whole batch."""
@@ -332,7 +407,8 @@ class SIMCLR(nn.Module):
 
     def towers(self, batch) -> Dict[str, torch.Tensor]:
         """The two views' backbone features (before the SSL head, whose BatchNorm couples the batch)."""
-        h1, h2 = _visual_features(self.visual, [batch.aug1, batch.aug2], self.fuse_views, self.class_token_only)
+        h1, h2 = _visual_features(self.visual, [batch.aug1, batch.aug2], self.fuse_views, self.class_token_only,
+                                  [batch.aug1_keep, batch.aug2_keep])
         return {'aug1_feat': h1, 'aug2_feat': h2}
 
     def head(self, features: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -361,7 +437,7 @@ class SLIP(CLIP):
         """Image and text embeddings, and the SimCLR views' backbone features (before the SSL head)."""
         text_embed = self.encode_text(batch.text)  # first: its one host sync (caption lengths) waits on little work
         h1, h2, h = _visual_features(self.visual, [batch.aug1, batch.aug2, batch.image], self.fuse_views,
-                                     self.class_token_only)
+                                     self.class_token_only, [batch.aug1_keep, batch.aug2_keep, batch.image_keep])
         return {'image_embed': h @ self.image_projection, 'text_embed': text_embed, 'aug1_feat': h1, 'aug2_feat': h2}
 
     def head(self, features: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -389,6 +465,7 @@ class ModelSpec:
     builder: Callable[..., nn.Module]
     ssl_mlp_dim: int = 4096  # default SSL head sizes (the CLI's --ssl-mlp-dim / --ssl-emb-dim when not given)
     ssl_emb_dim: int = 256
+    patch_size: Optional[int] = 16  # the ViT's patch (None: no patch tokens, e.g. CLIP_RN50)
 
     @property
     def has_text(self) -> bool:
@@ -452,7 +529,8 @@ def _register(name: str, family: str, tower, text: Optional[dict] = TEXT_FULL, i
 
     builder.__name__ = builder.__qualname__ = name
     builder.__doc__ = f'{family.upper()} model with a {tower[0]} {tower[1] or ""} image tower at {image_size} px.'
-    MODELS[name] = ModelSpec(name, family, image_size, builder, ssl_mlp_dim, ssl_emb_dim)
+    MODELS[name] = ModelSpec(name, family, image_size, builder, ssl_mlp_dim, ssl_emb_dim,
+                             tower[1].get('patch_size', 16))
     return builder
 
 
@@ -489,7 +567,7 @@ def CLIP_RN50(ssl_mlp_dim: int = 4096, ssl_emb_dim: int = 256, **kwargs) -> nn.M
     return CLIP(vision_width=1024, vision_model=tower, fuse_views=False, **TEXT_FULL, **kwargs)
 
 
-MODELS['CLIP_RN50'] = ModelSpec('CLIP_RN50', 'clip', 224, CLIP_RN50)
+MODELS['CLIP_RN50'] = ModelSpec('CLIP_RN50', 'clip', 224, CLIP_RN50, patch_size=None)
 
 
 def resolve_name(name: str) -> str:
