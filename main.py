@@ -301,10 +301,11 @@ def run_zeroshot(model, args, assets, tokenizer, device):
 # Arguments that change what is trained: a resume with other values would silently change the model, the data split
 # (world size x batch size x update-freq each decide which samples a rank and a BatchNorm batch see), the schedule
 # index or the numerics. Workers, print frequency, logging and output paths may differ.
-RESUME_FIELDS = ('model', 'ssl_mlp_dim', 'ssl_emb_dim', 'ssl_scale', 'ssl_temp', 'legacy_clip_gather', 'dataset',
-                 'ssl_head_norm', 'root', 'metadata', 'train_num_samples', 'demo_samples', 'world_size', 'batch_size',
-                 'update_freq', 'legacy_update_freq', 'epochs', 'warmup_epochs', 'lr', 'lr_start', 'lr_end', 'wd', 'betas', 'eps', 'seed', 'precision',
-                 'device_augment', 'ssl_view_size', 'ssl_mask_ratio', 'clip_mask_ratio')
+RESUME_FIELDS = ('model', 'ssl_mlp_dim', 'ssl_emb_dim', 'ssl_head_norm', 'ssl_scale', 'ssl_temp', 'legacy_clip_gather',
+                 'dataset', 'root', 'metadata', 'train_num_samples', 'demo_samples', 'world_size', 'batch_size',
+                 'update_freq', 'legacy_update_freq', 'epochs', 'warmup_epochs', 'lr', 'lr_start', 'lr_end', 'wd',
+                 'betas', 'eps', 'seed', 'precision', 'device_augment', 'ssl_view_size', 'ssl_mask_ratio',
+                 'clip_mask_ratio')
 # WebDataset: each DataLoader worker reads its own shards, so the number of workers decides the sample order too.
 RESUME_FIELDS_WDS = ('workers', 'wds_shuffle_buffer')
 
