@@ -223,7 +223,8 @@ class Engine:
             last = i == len(micro_batches) - 1
             with self._sync(last), _replayed_rng(states[i], self.device):
                 with self._autocast():
-                    surrogate = self.net(batch, mode='replay', feature_grads={k: g[i] for k, g in feature_grads.items()},
+                    grads_i = {k: g[i] for k, g in feature_grads.items()}
+                    surrogate = self.net(batch, mode='replay', feature_grads=grads_i,
                                          head_grads=head_grads if last else None)
                 surrogate.backward()
         return metrics, True

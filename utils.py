@@ -1,7 +1,8 @@
 """Shared helpers: distributed setup and gathers, schedule, meters, AMP, checkpoint funnel, tokenizer, logging.
 
 Everything degrades to a single process: without a process group, rank is 0, world size 1 and the gathers return
-their input. The device is resolved once in ``init_distributed_mode`` and passed down; nothing here hard-codes a CUDA device.
+their input. The device is resolved once in ``init_distributed_mode`` and passed down; nothing here hard-codes a
+CUDA device.
 
 References: MAE/DeiT ``util/misc.py`` (MetricLogger shape), SLIP ``utils.py`` (GatherLayer semantics).
 """
