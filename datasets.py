@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFile
 
-import metadata as metadata_lib
 import augment
+import metadata as metadata_lib
 import utils
 from augment import IMAGENET_MEAN, IMAGENET_STD, Batch, build_transforms  # noqa: F401 (re-exported)
 

@@ -79,3 +79,44 @@ def small_catalog(tmp_path_factory):
     path = tmp_path_factory.mktemp('catalog') / 'dataset_catalog.json'
     path.write_text(json.dumps(catalog))
     return str(path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Kill-and-resume: a main.py command SIGKILLed mid-epoch, then run again to the end
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def sigkill_and_rerun():
+    """``run(cmd, env, ckpt, min_step)`` starts ``cmd`` (a main.py command line that saves every step to ``ckpt``),
+    SIGKILLs it once ``ckpt`` holds at least ``min_step`` steps of the first epoch, checks it really died mid-epoch,
+    runs the same command again to the end and returns the checkpoint it was killed at."""
+    import signal
+    import subprocess
+    import time
+
+    import utils
+
+    def run(cmd, env, ckpt, min_step):
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if ckpt.exists() and utils.load_checkpoint(str(ckpt)).get('step', 0) >= min_step:
+                break
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        killed_at = utils.load_checkpoint(str(ckpt))
+        assert killed_at['epoch'] == 0 and killed_at['step'] >= min_step  # really killed mid-epoch
+        subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True)
+        return killed_at
+    return run
+
+
+def assert_same_weights(path_a, path_b):
+    """The two checkpoints' weights are bitwise equal."""
+    import torch
+
+    import utils
+    a, b = utils.load_checkpoint(str(path_a))['state_dict'], utils.load_checkpoint(str(path_b))['state_dict']
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

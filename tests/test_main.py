@@ -4,16 +4,15 @@ import json
 import logging
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 import main as main_script
 import utils
+from conftest import assert_same_weights
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -189,26 +188,13 @@ def _run_cli(out, extra=(), env_extra=None):
 
 
 @pytest.mark.parametrize('update_freq', [1, 2])
-def test_sigkill_and_restart_equals_uninterrupted_bitwise(tmp_path, update_freq):
+def test_sigkill_and_restart_equals_uninterrupted_bitwise(tmp_path, update_freq, sigkill_and_rerun):
     extra = ['--update-freq', update_freq, '--batch-size', 8 // update_freq]  # the same global batch of 8
     cmd, env = _run_cli(tmp_path / 'ref', extra)
     subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True)
     cmd, env = _run_cli(tmp_path / 'killed', extra)
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = tmp_path / 'killed' / 'checkpoint.pt'
-    deadline = time.time() + 120
-    while time.time() < deadline:  # kill in the middle of the first epoch, after a few mid-epoch checkpoints
-        if ckpt.exists() and utils.load_checkpoint(str(ckpt)).get('step', 0) >= 4:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert utils.load_checkpoint(str(ckpt))['epoch'] == 0  # really killed mid-epoch
-    subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True)
-    ref, resumed = _weights(tmp_path / 'ref' / 'checkpoint.pt'), _weights(ckpt)
-    assert ref.keys() == resumed.keys()
-    for k in ref:
-        assert torch.equal(ref[k], resumed[k]), k
+    sigkill_and_rerun(cmd, env, tmp_path / 'killed' / 'checkpoint.pt', min_step=4)
+    assert_same_weights(tmp_path / 'ref' / 'checkpoint.pt', tmp_path / 'killed' / 'checkpoint.pt')
 
 
 @pytest.mark.dist

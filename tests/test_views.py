@@ -2,9 +2,7 @@
 --clip-mask-ratio (kept patch tokens drawn per sample). Defaults bitwise, shapes, masks, accumulation, resume, FLOPs."""
 import argparse
 import copy
-import signal
 import subprocess
-import time
 
 import pytest
 import timm
@@ -19,7 +17,8 @@ import losses
 import main as main_script
 import models
 import utils
-from test_main import REPO, _run_cli, _weights
+from test_main import REPO, _run_cli
+from conftest import assert_same_weights
 
 
 def _data_args(**kw):
@@ -295,27 +294,14 @@ def test_view_flags_are_checked_naming_the_flag():
         resolve('--clip-mask-ratio', 0.5, model='SIMCLR_TINY')
 
 
-def test_sigkill_and_restart_with_view_options_equals_uninterrupted_bitwise(tmp_path):
+def test_sigkill_and_restart_with_view_options_equals_uninterrupted_bitwise(tmp_path, sigkill_and_rerun):
     extra = ['--ssl-view-size', 32, '--ssl-mask-ratio', 0.5, '--clip-mask-ratio', 0.5, '--demo-samples', 64,
              '--epochs', 1]
     cmd, env = _run_cli(tmp_path / 'ref', extra)
     subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True)
     cmd, env = _run_cli(tmp_path / 'killed', extra)
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = tmp_path / 'killed' / 'checkpoint.pt'
-    deadline = time.time() + 120
-    while time.time() < deadline:  # kill in the middle of the epoch, after a few mid-epoch checkpoints
-        if ckpt.exists() and utils.load_checkpoint(str(ckpt)).get('step', 0) >= 3:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert utils.load_checkpoint(str(ckpt))['epoch'] == 0  # really killed mid-epoch
-    subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True)
-    ref, resumed = _weights(tmp_path / 'ref' / 'checkpoint.pt'), _weights(ckpt)
-    assert ref.keys() == resumed.keys()
-    for k in ref:
-        assert torch.equal(ref[k], resumed[k]), k
+    sigkill_and_rerun(cmd, env, tmp_path / 'killed' / 'checkpoint.pt', min_step=3)
+    assert_same_weights(tmp_path / 'ref' / 'checkpoint.pt', tmp_path / 'killed' / 'checkpoint.pt')
 
 
 def test_options_run_under_bf16_autocast():
