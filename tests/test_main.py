@@ -193,7 +193,7 @@ def test_sigkill_and_restart_equals_uninterrupted_bitwise(tmp_path, update_freq,
     cmd, env = _run_cli(tmp_path / 'ref', extra)
     subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True)
     cmd, env = _run_cli(tmp_path / 'killed', extra)
-    sigkill_and_rerun(cmd, env, tmp_path / 'killed' / 'checkpoint.pt', min_step=4)
+    sigkill_and_rerun(cmd, env, tmp_path / 'killed' / 'checkpoint.pt', step=4)
     assert_same_weights(tmp_path / 'ref' / 'checkpoint.pt', tmp_path / 'killed' / 'checkpoint.pt')
 
 

@@ -300,7 +300,7 @@ def test_sigkill_and_restart_with_view_options_equals_uninterrupted_bitwise(tmp_
     cmd, env = _run_cli(tmp_path / 'ref', extra)
     subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True)
     cmd, env = _run_cli(tmp_path / 'killed', extra)
-    sigkill_and_rerun(cmd, env, tmp_path / 'killed' / 'checkpoint.pt', min_step=3)
+    sigkill_and_rerun(cmd, env, tmp_path / 'killed' / 'checkpoint.pt', step=3)
     assert_same_weights(tmp_path / 'ref' / 'checkpoint.pt', tmp_path / 'killed' / 'checkpoint.pt')
 
 
