@@ -397,10 +397,7 @@ def load_model(path: str, device) -> Tuple[torch.nn.Module, Dict]:
     if not spec.has_text:
         raise ValueError(f'checkpoint {path!r} holds {spec.name}, a SimCLR model without a text encoder: zero-shot '
                          f'evaluation needs a CLIP or SLIP checkpoint (evaluate SimCLR with main_linear.py)')
-    norm = ckpt['args'].get('ssl_head_norm') or 'bn'  # absent from released checkpoints: BatchNorm
-    head = {'ssl_head_norm': 'bn' if norm == 'syncbn' else norm} if spec.has_ssl else {}
-    model = models.create_model(spec.name, ssl_mlp_dim=ckpt['args'].get('ssl_mlp_dim'),
-                                ssl_emb_dim=ckpt['args'].get('ssl_emb_dim'), **head)
+    model = models.create_model_from_args(spec.name, ckpt['args'])
     utils.load_state_dict_checked(model, ckpt['state_dict'], path, strict=True)
     logger.info("=> loaded '%s' (%s, epoch %s)", path, spec.name, ckpt.get('epoch'))
     return model.to(device).eval(), ckpt

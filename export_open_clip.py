@@ -138,8 +138,7 @@ def build_model(ckpt: Dict, path: str, name: Optional[str] = None, device: Any =
         raise ValueError(f'checkpoint {path!r} holds {spec.name}, a SimCLR model without a text tower: open_clip and '
                          f'CLIP_benchmark need a CLIP or SLIP checkpoint (probe SimCLR with main_linear.py)')
     with torch.device(device):
-        model = models.create_model(spec.name, ssl_mlp_dim=ckpt['args'].get('ssl_mlp_dim'),
-                                    ssl_emb_dim=ckpt['args'].get('ssl_emb_dim'))
+        model = models.create_model_from_args(spec.name, ckpt['args'])
     with warnings.catch_warnings():  # loading into meta tensors is a (warned) no-op: only the check matters there
         warnings.simplefilter('ignore')
         utils.load_state_dict_checked(model, ckpt['state_dict'], path, strict=True)

@@ -190,9 +190,7 @@ def resolve_view_args(args, spec):
 
 def build_model(args, device):
     """The bare model on ``device``; the engine wraps it in DDP and torch.compile."""
-    head = {'ssl_head_norm': 'bn' if args.ssl_head_norm == 'syncbn' else args.ssl_head_norm} \
-        if models.get_spec(args.model).has_ssl else {}
-    model = models.create_model(args.model, args.ssl_mlp_dim, args.ssl_emb_dim, **head).to(device)
+    model = models.create_model_from_args(args.model, vars(args)).to(device)
     if getattr(args, 'ssl_view_size', None) not in (None, models.get_spec(args.model).image_size):
         models.set_dynamic_img_size(model.visual)  # the SimCLR views are smaller: resample the position embedding
     if args.grad_checkpointing:

@@ -592,6 +592,16 @@ def create_model(name: str, ssl_mlp_dim: Optional[int] = None, ssl_emb_dim: Opti
                         **kwargs)
 
 
+def create_model_from_args(name: str, args: Dict, **kwargs) -> nn.Module:
+    """The model that a run's or a checkpoint's args describe: SSL head sizes and normalisation ('syncbn' is a
+    BatchNorm head synchronised at training time; released checkpoints, which do not record it, have BatchNorm)."""
+    spec = get_spec(name)
+    if spec.has_ssl:
+        norm = args.get('ssl_head_norm') or 'bn'
+        kwargs['ssl_head_norm'] = 'bn' if norm == 'syncbn' else norm
+    return create_model(spec.name, args.get('ssl_mlp_dim'), args.get('ssl_emb_dim'), **kwargs)
+
+
 def set_fast_paths(model: nn.Module, enabled: bool) -> None:
     """Switch every exact shortcut on or off: shared view pass, class-token-only last ViT block, packed text and
     fused attention."""

@@ -211,8 +211,9 @@ def test_torchrun_two_gloo_processes(tmp_path):
 
 
 @pytest.mark.parametrize('norm', ['ln', 'none'])
-def test_ssl_head_norm_option_trains_and_its_checkpoint_evaluates(tmp_path, norm):
+def test_ssl_head_norm_option_trains_and_its_checkpoint_evaluates_and_exports(tmp_path, norm):
     import eval_zeroshot
+    import export_open_clip
     stats = main_script.main(tiny_args(tmp_path, 'SLIP_TINY', '--epochs', 1, '--ssl-head-norm', norm,
                                        '--eval-dataset', 'none'))
     assert math.isfinite(stats['train_ssl_loss'])
@@ -223,3 +224,6 @@ def test_ssl_head_norm_option_trains_and_its_checkpoint_evaluates(tmp_path, norm
         assert isinstance(model.image_mlp.bn1, torch.nn.LayerNorm)
     else:
         assert not any('.bn' in k for k in head) and isinstance(model.image_mlp.bn1, torch.nn.Identity)
+    path = str(tmp_path / 'checkpoint.pt')
+    exported, spec = export_open_clip.build_model(utils.load_checkpoint(path), path)  # strict against its keys
+    assert spec.name == 'SLIP_TINY' and type(exported.image_mlp.bn1) is type(model.image_mlp.bn1)
