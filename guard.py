@@ -196,11 +196,12 @@ class LongRun:
             self.lr_scale = float(ckpt.get('lr_scale', 1.0))
 
     def as_divergence(self, error: Exception) -> Divergence:
-        """A Divergence from the guard, or from the engine's non-finite streak when the guard is on; anything else
-        (or any error with the guard off) is raised again."""
+        """A new Divergence (no traceback: the aborted epoch's frames and data loader can go) from the guard's, or
+        from the engine's non-finite streak when the guard is on; anything else (any error with the guard off) is
+        raised again."""
         import engine as engine_lib
         if isinstance(error, Divergence):
-            return error
+            return Divergence(error.first, error.last, error.reason)
         if self.enabled and isinstance(error, engine_lib.NonFiniteStreak) and error.first is not None:
             return Divergence(error.first, error.last, f'{error.last - error.first + 1} non-finite losses in a row')
         raise error
