@@ -34,6 +34,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+import utils
+
 LOGIT_SCALE_INIT = float(np.log(1 / 0.07))  # CLIP's initial temperature
 CONTEXT_LENGTH = 77
 VOCAB_SIZE = 49408
@@ -477,7 +479,7 @@ class ModelSpec:
 
 
 MODELS: Dict[str, ModelSpec] = {}
-LEGACY_PREFIXES = {'CLIP_SIMCLR_': 'SLIP_'}  # pre-release name of SLIP stored in early released checkpoints
+LEGACY_PREFIXES = utils.LEGACY_PREFIXES  # pre-release name of SLIP stored in early released checkpoints
 FAMILY_CLASSES = {'clip': CLIP, 'simclr': SIMCLR, 'slip': SLIP}
 
 # Vision towers: timm model name and overrides (public create_model API), and the feature width.
@@ -572,9 +574,7 @@ MODELS['CLIP_RN50'] = ModelSpec('CLIP_RN50', 'clip', 224, CLIP_RN50, patch_size=
 
 def resolve_name(name: str) -> str:
     """Map a model name (including the legacy CLIP_SIMCLR_* names) to its registry name."""
-    for old, new in LEGACY_PREFIXES.items():
-        if name.startswith(old):
-            name = new + name[len(old):]
+    name = utils.current_model_name(name)
     if name not in MODELS:
         raise KeyError(f'unknown model {name!r}; known models: {", ".join(MODELS)}')
     return name
