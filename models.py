@@ -8,7 +8,8 @@ SSL-head sizes; scripts read the family from there and never from the name.
 
 The towers' building blocks (text transformer, SSL head, the timm ViT helpers) live in ``towers.py``; the names
 scripts reach as ``models.X`` (``visual_forward``, ``set_dynamic_img_size``, ``CausalSelfAttention``, ...) are
-re-exported here.
+re-exported here. The original's calls work beside ours: ``model(image, text)`` (CLIP), ``model(aug1, aug2)``
+(SimCLR) and ``model(image, text, aug1, aug2)`` (SLIP).
 
 Three shortcuts skip work that cannot change the result (all switchable, all tested against the plain computation):
   * SLIP and SimCLR run their image views through the ViT in one concatenated pass (a ViT has no batch statistics);
@@ -27,13 +28,14 @@ References:
   MoCo v3 ViT-S (12 heads): Chen et al., arXiv 2104.02057.
 """
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import timm
 import torch
 import torch.nn as nn
 
+import augment
 import utils
 from towers import (SSL_HEAD_NORMS, CausalSelfAttention, LayerNorm, QuickGELU,  # noqa: F401 (re-exported)
                     ResidualAttentionBlock, Transformer, build_mlp, class_token_only_ok, is_vit, keep_tokens,
@@ -49,6 +51,21 @@ _class_token_only_ok = class_token_only_ok  # its name before towers.py (tests a
 # ----------------------------------------------------------------------------------------------------------------
 # Models
 # ----------------------------------------------------------------------------------------------------------------
+def as_batch(names: Tuple[str, ...], inputs: tuple) -> augment.Batch:
+    """What a forward runs on: its first input when that is an ``augment.Batch`` (ours), else the original SLIP's
+    positional tensors (``names`` the Batch fields they fill, in the original's argument order). Float views are
+    used as they come (ImageNet-normalised [B, 3, H, W], as the original's loaders made them); text is [B, 77] ids."""
+    first, rest = inputs[0], inputs[1:]
+    if isinstance(first, augment.Batch):
+        if any(x is not None for x in rest):
+            raise TypeError('forward takes an augment.Batch or the separate input tensors, not both')
+        return first
+    missing = [name for name, x in zip(names, inputs) if x is None]
+    if missing:
+        raise TypeError(f'forward({", ".join(names)}): missing {", ".join(missing)} (or pass an augment.Batch)')
+    return augment.Batch(**dict(zip(names, inputs)))
+
+
 class CLIP(nn.Module):
     """Image-text contrastive model. forward(batch) -> {'image_embed', 'text_embed', 'logit_scale'}.
 
@@ -126,9 +143,10 @@ class CLIP(nn.Module):
         """The parameters ``head`` uses (the training engine runs the head once per accumulated batch)."""
         return [self.logit_scale]
 
-    def forward(self, batch) -> Dict[str, torch.Tensor]:
-        """batch: an ``augment.Batch`` with ``image`` and ``text`` -> {'image_embed', 'text_embed', 'logit_scale'}."""
-        return self.head(self.towers(batch))
+    def forward(self, image, text: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """``model(batch)``, an ``augment.Batch`` with ``image`` and ``text``, or the original's ``model(image, text)``
+        -> {'image_embed', 'text_embed', 'logit_scale'}."""
+        return self.head(self.towers(as_batch(('image', 'text'), (image, text))))
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.transformer.grad_checkpointing = enable
@@ -165,9 +183,10 @@ class SIMCLR(nn.Module):
     def head_parameters(self) -> List[nn.Parameter]:
         return list(self.image_mlp.parameters())
 
-    def forward(self, batch) -> Dict[str, torch.Tensor]:
-        """batch: an ``augment.Batch`` with ``aug1`` and ``aug2`` -> {'aug1_embed', 'aug2_embed'}."""
-        return self.head(self.towers(batch))
+    def forward(self, aug1, aug2: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """``model(batch)``, an ``augment.Batch`` with ``aug1`` and ``aug2``, or the original's ``model(aug1, aug2)``
+        -> {'aug1_embed', 'aug2_embed'}."""
+        return self.head(self.towers(as_batch(('aug1', 'aug2'), (aug1, aug2))))
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.visual.set_grad_checkpointing(enable)
@@ -196,9 +215,11 @@ class SLIP(CLIP):
     def head_parameters(self) -> List[nn.Parameter]:
         return [self.logit_scale, *self.image_mlp.parameters()]
 
-    def forward(self, batch) -> Dict[str, torch.Tensor]:
-        """batch: an ``augment.Batch`` with all four views -> CLIP's outputs plus 'aug1_embed', 'aug2_embed'."""
-        return self.head(self.towers(batch))
+    def forward(self, image, text: Optional[torch.Tensor] = None, aug1: Optional[torch.Tensor] = None,
+                aug2: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """``model(batch)``, an ``augment.Batch`` with all four inputs, or the original's
+        ``model(image, text, aug1, aug2)`` -> CLIP's outputs plus 'aug1_embed', 'aug2_embed'."""
+        return self.head(self.towers(as_batch(('image', 'text', 'aug1', 'aug2'), (image, text, aug1, aug2))))
 
 
 # ----------------------------------------------------------------------------------------------------------------
