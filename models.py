@@ -9,7 +9,7 @@ SSL-head sizes; scripts read the family from there and never from the name.
 The towers' building blocks (text transformer, SSL head, the timm ViT helpers) live in ``towers.py``; the names
 scripts reach as ``models.X`` (``visual_forward``, ``set_dynamic_img_size``, ``CausalSelfAttention``, ...) are
 re-exported here. The original's calls work beside ours: ``model(image, text)`` (CLIP), ``model(aug1, aug2)``
-(SimCLR) and ``model(image, text, aug1, aug2)`` (SLIP).
+(SimCLR), ``model(image, text, aug1, aug2)`` (SLIP) and ``get_loss(name, ssl_temp, ssl_scale)``.
 
 Three shortcuts skip work that cannot change the result (all switchable, all tested against the plain computation):
   * SLIP and SimCLR run their image views through the ViT in one concatenated pass (a ViT has no batch statistics);
@@ -36,6 +36,7 @@ import torch
 import torch.nn as nn
 
 import augment
+import losses
 import utils
 from towers import (SSL_HEAD_NORMS, CausalSelfAttention, LayerNorm, QuickGELU,  # noqa: F401 (re-exported)
                     ResidualAttentionBlock, Transformer, build_mlp, class_token_only_ok, is_vit, keep_tokens,
@@ -367,6 +368,13 @@ def create_model_from_args(name: str, args: Dict, **kwargs) -> nn.Module:
         norm = args.get('ssl_head_norm') or 'bn'
         kwargs['ssl_head_norm'] = 'bn' if norm == 'syncbn' else norm
     return create_model(spec.name, args.get('ssl_mlp_dim'), args.get('ssl_emb_dim'), **kwargs)
+
+
+def get_loss(model: str, ssl_temp: float = 0.1, ssl_scale: float = 1.0, legacy_clip_gather: bool = False) -> nn.Module:
+    """The loss of the model named ``model``, its family read from the registry: the original's
+    ``models.get_loss(model, ssl_temp, ssl_scale)``. (A legacy ``CLIP_SIMCLR_*`` name gets SLIP's loss, where the
+    original's name-prefix test gave it CLIP's.) ``legacy_clip_gather``: the original CLIP gather (losses.py)."""
+    return losses.loss_for_family(get_spec(model).family, ssl_temp, ssl_scale, legacy_clip_gather)
 
 
 def set_fast_paths(model: nn.Module, enabled: bool) -> None:

@@ -2,6 +2,8 @@
 
 Models: ``model(image, text)`` (CLIP), ``model(aug1, aug2)`` (SimCLR) and ``model(image, text, aug1, aug2)`` (SLIP)
 give exactly what ``model(augment.Batch(...))`` gives, under the original's output keys.
+Losses: ``models.get_loss(name, ssl_temp, ssl_scale)`` (the original's call and place) returns CLIPLoss /
+SIMCLRLoss / SLIPLoss, whose value on those outputs is the one our training step computes.
 """
 import copy
 
@@ -9,6 +11,7 @@ import pytest
 import torch
 
 import augment
+import losses
 import models
 
 TINY = ['CLIP_TINY', 'SIMCLR_TINY', 'SLIP_TINY']
@@ -16,10 +19,14 @@ TINY = ['CLIP_TINY', 'SIMCLR_TINY', 'SLIP_TINY']
 ORIGINAL_ARGS = {'clip': ('image', 'text'), 'simclr': ('aug1', 'aug2'), 'slip': ('image', 'text', 'aug1', 'aug2')}
 ORIGINAL_KEYS = {'clip': {'image_embed', 'text_embed', 'logit_scale'}, 'simclr': {'aug1_embed', 'aug2_embed'},
                  'slip': {'image_embed', 'text_embed', 'logit_scale', 'aug1_embed', 'aug2_embed'}}
+# The original's loss class and metric keys (its get_metric_names), by family.
+ORIGINAL_LOSSES = {'clip': (losses.CLIPLoss, {'loss', 'clip_loss', 'clip_acc'}),
+                   'simclr': (losses.SIMCLRLoss, {'loss', 'ssl_loss', 'ssl_acc'}),
+                   'slip': (losses.SLIPLoss, {'loss', 'clip_loss', 'ssl_loss', 'clip_acc', 'ssl_acc'})}
 
 
 def _original_inputs(name, tokenizer, batch=4, seed=0):
-    """What the original's loaders handed its models: ImageNet-normalised float views [B, 3, H, W], token ids [B, 77]."""
+    """What the original's loaders gave its models: ImageNet-normalised float views [B, 3, H, W], token ids [B, 77]."""
     g = torch.Generator().manual_seed(seed)
     size = models.get_spec(name).image_size
     views = {k: torch.randn(batch, 3, size, size, generator=g) for k in ('image', 'aug1', 'aug2')}
@@ -67,3 +74,26 @@ def test_forward_refuses_a_batch_with_tensors_or_missing_tensors(tokenizer):
         model(inputs['image'], inputs['text'])
     with pytest.raises(TypeError, match='missing aug2'):
         models.create_model('SIMCLR_TINY')(inputs['aug1'])
+
+
+@pytest.mark.parametrize('name', TINY)
+def test_original_get_loss_on_original_outputs_equals_our_step(name, tokenizer):
+    """The original's ``models.get_loss(name, ssl_temp, ssl_scale)(model(image, text, ...))`` against our
+    ``model(batch)`` and the criterion built by hand from the loss classes, with non-default temperature and scale."""
+    family = models.get_spec(name).family
+    inputs = _original_inputs(name, tokenizer)
+    ours, theirs = _twins(name)
+    criterion = models.get_loss(name, 0.2, 0.5)  # positional, as the original's main.py called it
+    loss_class, metric_keys = ORIGINAL_LOSSES[family]
+    assert type(criterion) is loss_class
+    ours_criterion = {'clip': lambda: losses.CLIPLoss(), 'simclr': lambda: losses.SIMCLRLoss(temperature=0.2),
+                      'slip': lambda: losses.SLIPLoss(losses.SIMCLRLoss(temperature=0.2), ssl_scale=0.5)}[family]()
+    result = criterion(theirs(*inputs.values()))
+    expected = ours_criterion(ours(augment.Batch(**inputs)))
+    assert set(result) == set(expected) == metric_keys
+    for k in expected:
+        assert torch.equal(result[k], expected[k]), k  # same outputs, same loss: bitwise equal
+    result['loss'].backward()
+    expected['loss'].backward()
+    for (k, a), (_, b) in zip(theirs.named_parameters(), ours.named_parameters()):
+        assert torch.equal(a.grad, b.grad), k

@@ -13,7 +13,6 @@ from torch.utils.flop_counter import FlopCounterMode
 import augment
 import bench
 import datasets
-import losses
 import main as main_script
 import models
 import towers
@@ -312,6 +311,6 @@ def test_options_run_under_bf16_autocast():
                                   clip_mask_ratio=0.5)
     with utils.autocast('amp_bf16', torch.device('cpu')):
         out = model(batch)
-    loss = losses.get_loss('SLIP_TINY')(out)['loss']
+    loss = models.get_loss('SLIP_TINY')(out)['loss']
     loss.backward()
     assert torch.isfinite(loss) and model.visual.pos_embed.grad is not None
