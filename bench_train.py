@@ -249,12 +249,11 @@ def bench_head(args, device):
     loss, forward and backward, on N kept tower outputs. Its memory grows with N (head activations) and N^2 (the
     logits), so it, not the micro-batch, bounds the largest global batch; a quadratic fit extrapolates to
     ``--memory-gb``."""
-    import losses
     model = models.create_model(args.model).to(device).train()
     spec = models.get_spec(args.model)
     with torch.no_grad(), utils.autocast(args.precision, device):
         shapes = {k: (v.shape[1:], v.dtype) for k, v in model.towers(synthetic_batch(spec, 2, device)).items()}
-    criterion = losses.get_loss(args.model)
+    criterion = models.get_loss(args.model)
     rows = []
     for n in [int(x) for x in args.head_batches.split(',')]:
         g = torch.Generator(device=device).manual_seed(n)
