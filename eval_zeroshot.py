@@ -389,7 +389,7 @@ def zeroshot_dataset(model, name: str, assets, tokenizer, device, batch_size: in
 # ----------------------------------------------------------------------------------------------------------------
 def load_model(path: str, device) -> Tuple[torch.nn.Module, Dict]:
     """Rebuild the checkpoint's model from its stored args (any released or new checkpoint) and load it strictly."""
-    ckpt = utils.load_checkpoint(path)
+    ckpt = zoo.load_checkpoint(path)
     name = ckpt['args'].get('model')
     if not name:
         raise utils.CheckpointError(f'checkpoint {path!r} has no args.model, so the architecture is unknown')

@@ -38,6 +38,7 @@ import torch
 
 import models
 import utils
+import zoo
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -155,7 +156,7 @@ def _write_json(path: str, data: Any) -> None:
 def export(checkpoint: str, output_dir: str, model_name: Optional[str] = None) -> Tuple[str, Any]:
     """Write the open_clip folder for ``checkpoint``; returns (the folder, our model on the meta device)."""
     from safetensors.torch import save_file
-    ckpt = utils.load_checkpoint(checkpoint)
+    ckpt = zoo.load_checkpoint(checkpoint)
     model, spec = build_model(ckpt, checkpoint, model_name)
     os.makedirs(output_dir, exist_ok=True)
     config, timm_cfg = open_clip_config(model, spec.image_size, output_dir)
@@ -245,7 +246,7 @@ def roundtrip_error(ours, theirs, image: torch.Tensor, text: torch.Tensor) -> Di
 def check(checkpoint: str, output_dir: str, model_name: Optional[str] = None, batch: int = 2) -> Dict[str, float]:
     """Load the exported folder with open_clip and compare it with our model on random images and real captions."""
     import open_clip
-    ckpt = utils.load_checkpoint(checkpoint)
+    ckpt = zoo.load_checkpoint(checkpoint)
     ours, spec = build_model(ckpt, checkpoint, model_name, device='cpu')
     theirs = open_clip.create_model(f'local-dir:{output_dir}').eval()
     image = torch.randn(batch, 3, spec.image_size, spec.image_size, generator=torch.Generator().manual_seed(0))

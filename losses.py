@@ -10,6 +10,9 @@ Across processes the logits are local rows x global columns. Features are gather
 averaging every rank holds exactly the gradient of the full-batch loss. The original CLIP loss gathered without
 gradient, dropping each sample's contribution as a column on other ranks (SLIP issue #31); ``CLIPLoss(
 gather_with_grad=False)`` (``--legacy-clip-gather``) keeps that behaviour for exact reproduction.
+
+A model's loss by its name: ``models.get_loss(name, ssl_temp, ssl_scale)`` (where the original had it), which reads
+the family from the registry and calls ``loss_for_family``.
 """
 from typing import Dict
 
@@ -17,7 +20,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import models
 import utils
 
 
@@ -91,10 +93,12 @@ class SLIPLoss(nn.Module):
                 'ssl_loss': ssl['ssl_loss'], 'ssl_acc': ssl['ssl_acc']}
 
 
-def get_loss(model_name: str, ssl_temp: float = 0.1, ssl_scale: float = 1.0,
-             legacy_clip_gather: bool = False) -> nn.Module:
-    """The loss of a registered model's family (read from the registry, not from the name)."""
-    family = models.get_spec(model_name).family
+def loss_for_family(family: str, ssl_temp: float = 0.1, ssl_scale: float = 1.0,
+                    legacy_clip_gather: bool = False) -> nn.Module:
+    """The loss of a model family ('clip', 'simclr' or 'slip'). By model name: ``models.get_loss``, which reads the
+    family from the registry (this module does not import ``models``: the models import it)."""
+    if family not in ('clip', 'simclr', 'slip'):
+        raise ValueError(f'unknown model family {family!r}: expected clip, simclr or slip')
     if family == 'clip':
         return CLIPLoss(gather_with_grad=not legacy_clip_gather)
     if family == 'simclr':

@@ -27,7 +27,6 @@ import datasets
 import engine as engine_lib
 import faults
 import guard as guard_lib
-import losses
 import models
 import utils
 import zoo
@@ -214,7 +213,7 @@ def build_model(args, device):
 
 def build_engine(model, args, device) -> engine_lib.Engine:
     """Loss, optimizer and the training engine of ``model`` (bench.py builds its step the same way)."""
-    criterion = losses.get_loss(args.model, args.ssl_temp, args.ssl_scale, args.legacy_clip_gather)
+    criterion = models.get_loss(args.model, args.ssl_temp, args.ssl_scale, args.legacy_clip_gather)
     return engine_lib.Engine(model, criterion, build_optimizer(model, args, device), device=device,
                              precision=args.precision, update_freq=args.update_freq,
                              legacy_update_freq=args.legacy_update_freq, max_nonfinite=args.max_nonfinite,

@@ -31,6 +31,7 @@ import datasets
 import eval_zeroshot
 import models
 import utils
+import zoo
 from utils import logger
 
 MOCOV3_VIT_SMALL = {'vit_small_patch16_224': 'vit_small_patch16_224',
@@ -244,7 +245,7 @@ def main(args):
         torch.manual_seed(args.seed + args.rank)
     local_procs = int(os.environ.get('LOCAL_WORLD_SIZE', '1'))
     args.workers = (args.workers + local_procs - 1) // local_procs  # --workers is per node, as in MoCo v3
-    backbone, image_size, weights = build_backbone(utils.load_checkpoint(args.pretrained), args.pretrained, args.arch)
+    backbone, image_size, weights = build_backbone(zoo.load_checkpoint(args.pretrained), args.pretrained, args.arch)
     backbone.to(device)
     train_loader, val_loader, classes = build_loaders(args, backbone, image_size, device)
 

@@ -1,10 +1,15 @@
-"""CLIP, SimCLR and SLIP models with the exact parameter layout of the released SLIP checkpoints.
+"""CLIP, SimCLR and SLIP models with the exact parameter layout of the released SLIP checkpoints, and their registry.
 
 The nine released architectures (``CLIP_VITS16`` ... ``SLIP_VITL16``) are module-level callables, as in the
 original code, so ``getattr(models, args.model)(ssl_mlp_dim=4096, ssl_emb_dim=256)`` builds a model whose
 ``state_dict()`` loads a released checkpoint with ``strict=True`` once the DDP ``module.`` prefix is stripped.
 Every name is recorded in ``MODELS`` together with its family (clip / simclr / slip), input resolution and default
 SSL-head sizes; scripts read the family from there and never from the name.
+
+The towers' building blocks (text transformer, SSL head, the timm ViT helpers) live in ``towers.py``; the names
+scripts reach as ``models.X`` (``visual_forward``, ``set_dynamic_img_size``, ``CausalSelfAttention``, ...) are
+re-exported here. The original's calls work beside ours: ``model(image, text)`` (CLIP), ``model(aug1, aug2)``
+(SimCLR), ``model(image, text, aug1, aug2)`` (SLIP) and ``get_loss(name, ssl_temp, ssl_scale)``.
 
 Three shortcuts skip work that cannot change the result (all switchable, all tested against the plain computation):
   * SLIP and SimCLR run their image views through the ViT in one concatenated pass (a ViT has no batch statistics);
@@ -22,287 +27,46 @@ References:
   CLIP: Radford et al., "Learning Transferable Visual Models From Natural Language Supervision", arXiv 2103.00020.
   MoCo v3 ViT-S (12 heads): Chen et al., arXiv 2104.02057.
 """
-import math
-from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import timm
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+
+import augment
+import losses
+import utils
+from towers import (SSL_HEAD_NORMS, CausalSelfAttention, LayerNorm, QuickGELU,  # noqa: F401 (re-exported)
+                    ResidualAttentionBlock, Transformer, build_mlp, class_token_only_ok, is_vit, keep_tokens,
+                    set_dynamic_img_size, visual_features, visual_forward, vit_class_token_features, vit_embed,
+                    vit_masked_features)
 
 LOGIT_SCALE_INIT = float(np.log(1 / 0.07))  # CLIP's initial temperature
 CONTEXT_LENGTH = 77
 VOCAB_SIZE = 49408
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Text tower (OpenAI CLIP layout: the parameter names match nn.MultiheadAttention's, the computation is batch-first)
-# ----------------------------------------------------------------------------------------------------------------
-class LayerNorm(nn.LayerNorm):
-    """LayerNorm computed in float32 for half-precision inputs and cast back, so an fp16 model stays stable."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype in (torch.float16, torch.bfloat16):
-            return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(),
-                                self.eps).to(x.dtype)
-        return super().forward(x)
-
-
-class QuickGELU(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sigmoid(1.702 * x)
-
-
-class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention with nn.MultiheadAttention's parameter names (in_proj_*, out_proj).
-
-    ``fused`` selects torch's scaled_dot_product_attention; the plain softmax path is kept for benchmarks.
-    """
-
-    fused = True
-
-    def __init__(self, width: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
-        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
-        self.out_proj = nn.Linear(width, width)
-        nn.init.zeros_(self.out_proj.bias)
-
-    def forward(self, x: torch.Tensor, packing: Optional[tuple] = None,
-                rows: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x: [B, L, D]; or packed captions [T, D] with ``packing`` = (flat, B, L), where ``flat`` [T] holds each
-        token's place in the padded [B * L] grid. The projections then run on the T real tokens only; attention runs
-        padded (each caption is a prefix of its row, so under the causal mask the zero padding is never attended).
-        With ``rows`` [B] (packed input only: each caption's last token), only those queries are computed: [B, D]."""
-        D = self.in_proj_weight.shape[1]
-        w, b = (self.in_proj_weight, self.in_proj_bias) if rows is None else \
-            (self.in_proj_weight[D:], self.in_proj_bias[D:])  # keys and values only: the queries come from `rows`
-        qkv = F.linear(x, w, b)  # [..., 3D or 2D]
-        if packing is not None:
-            flat, B, L = packing
-            qkv = qkv.new_zeros(B * L, qkv.shape[-1]).index_copy(0, flat, qkv)
-        else:
-            B, L = x.shape[:2]
-        heads = qkv.view(B, L, -1, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # [3 or 2, B, H, L, D/H]
-        mask = None  # causal
-        if rows is None:
-            q, k, v = heads
-        else:
-            k, v = heads
-            q = F.linear(x[rows], self.in_proj_weight[:D], self.in_proj_bias[:D]).view(B, 1, self.heads, -1)
-            q = q.transpose(1, 2)  # [B, H, 1, D/H]
-            keep = torch.arange(L, device=x.device) <= (flat[rows] % L)[:, None]  # keys up to the query's position
-            mask = torch.zeros(B, 1, 1, L, device=x.device, dtype=q.dtype).masked_fill(~keep[:, None, None], -math.inf)
-        if self.fused:
-            x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
-        else:
-            if mask is None:
-                mask = torch.full((L, L), -math.inf, device=x.device, dtype=q.dtype).triu(1)
-            attn = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5) + mask  # [B, H, L or 1, L]
-            x = attn.softmax(dim=-1).to(v.dtype) @ v
-        x = x.transpose(1, 2).reshape(B, -1, D)  # [B, L or 1, D]
-        if rows is not None:
-            x = x[:, 0]
-        elif packing is not None:
-            x = x.reshape(B * L, D).index_select(0, flat)  # back to [T, D]
-        return self.out_proj(x)
-
-
-class ResidualAttentionBlock(nn.Module):
-    def __init__(self, width: int, heads: int):
-        super().__init__()
-        self.attn = CausalSelfAttention(width, heads)
-        self.ln_1 = LayerNorm(width)
-        self.mlp = nn.Sequential(OrderedDict([
-            ('c_fc', nn.Linear(width, width * 4)),
-            ('gelu', QuickGELU()),
-            ('c_proj', nn.Linear(width * 4, width)),
-        ]))
-        self.ln_2 = LayerNorm(width)
-
-    def forward(self, x: torch.Tensor, packing: Optional[tuple] = None,
-                rows: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """With ``rows``, returns only those rows (their attention still reads every token)."""
-        x = (x if rows is None else x[rows]) + self.attn(self.ln_1(x), packing, rows)
-        return x + self.mlp(self.ln_2(x))
-
-
-class Transformer(nn.Module):
-    def __init__(self, width: int, layers: int, heads: int):
-        super().__init__()
-        self.width = width
-        self.layers = layers
-        self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads) for _ in range(layers)])
-        self.grad_checkpointing = False
-
-    def forward(self, x: torch.Tensor, packing: Optional[tuple] = None,
-                rows: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``rows``: if given, the last block computes (and returns) only those rows of a packed input."""
-        for i, block in enumerate(self.resblocks):
-            last_rows = rows if i == self.layers - 1 else None
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, packing, last_rows, use_reentrant=False)
-            else:
-                x = block(x, packing, last_rows)
-        return x
-
-
-SSL_HEAD_NORMS = ('bn', 'ln', 'none')
-
-
-def _build_mlp(in_dim: int, mlp_dim: int, out_dim: int, norm: str = 'bn') -> nn.Sequential:
-    """SimCLR projection head. ``norm`` 'bn' (the original; main.py converts it to SyncBatchNorm in multi-GPU runs),
-    'ln' (LayerNorm: no batch statistics) or 'none'; the layers keep the names bn1/bn2 (only 'bn' has the released
-    checkpoints' keys)."""
-    if norm not in SSL_HEAD_NORMS:
-        raise ValueError(f'SSL head norm {norm!r}: expected one of {SSL_HEAD_NORMS}')
-    make = {'bn': nn.BatchNorm1d, 'ln': nn.LayerNorm, 'none': lambda dim: nn.Identity()}[norm]
-    return nn.Sequential(OrderedDict([
-        ('layer1', nn.Linear(in_dim, mlp_dim)),
-        ('bn1', make(mlp_dim)),
-        ('relu1', nn.ReLU(inplace=True)),
-        ('layer2', nn.Linear(mlp_dim, mlp_dim)),
-        ('bn2', make(mlp_dim)),
-        ('relu2', nn.ReLU(inplace=True)),
-        ('layer3', nn.Linear(mlp_dim, out_dim)),
-    ]))
-
-
-def _class_token_only_ok(visual: nn.Module) -> bool:
-    """True for a timm ViT pooled by its class token whose last block is a plain Block with nothing random."""
-    from timm.layers import Attention
-    from timm.models.vision_transformer import Block, VisionTransformer
-    if not isinstance(visual, VisionTransformer) or visual.global_pool != 'token' or visual.cls_token is None:
-        return False
-    if getattr(visual, 'attn_pool', None) is not None or not len(visual.blocks) or not hasattr(visual, '_pos_embed'):
-        return False
-    block = visual.blocks[-1]
-    if type(block) is not Block or type(block.attn) is not Attention or getattr(block.attn, 'gate', None) is not None:
-        return False
-    return not (block.training and any(isinstance(m, nn.Dropout) and m.p > 0 for m in block.modules()))
-
-
-def keep_tokens(x: torch.Tensor, keep: Optional[torch.Tensor], num_prefix: int = 1) -> torch.Tensor:
-    """x [B, P + N, C] (P prefix tokens, then N patch tokens) -> [B, P + n, C]: the prefix tokens first, then the
-    patch tokens listed in ``keep`` [B, n] (indices into the N patches). ``keep`` None: x unchanged."""
-    if keep is None:
-        return x
-    C = x.shape[-1]
-    patches = x[:, num_prefix:].gather(1, keep[:, :, None].expand(-1, -1, C))
-    return torch.cat([x[:, :num_prefix], patches], dim=1)
-
-
-def vit_embed(visual: nn.Module, x: torch.Tensor, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """A timm ViT's tokens before its blocks: patch and position embedding (timm's own, resampled by its
-    ``_pos_embed`` when the tower is dynamic and the view is smaller), then only the kept patch tokens (``keep``
-    [B, n], after the position embedding, so every token keeps its place), then timm's patch_drop and norm_pre."""
-    x = visual._pos_embed(visual.patch_embed(x))
-    x = keep_tokens(x, keep, getattr(visual, 'num_prefix_tokens', 1))
-    return visual.norm_pre(visual.patch_drop(x))
-
-
-def vit_class_token_features(visual: nn.Module, x: torch.Tensor, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The pooled features of a class-token ViT, with its last block run for the class token alone.
-
-    Only the class token leaves the last block, so there its queries, attention output, projection and MLP are
-    needed for one token instead of all of them (keys and values still come from every token): about 7% of a
-    ViT-S/B/L pass. Equal to ``visual(x)`` up to float rounding (tested in float64). ``keep``: see ``vit_embed``.
-    """
-    x = vit_embed(visual, x, keep)
-    for block in visual.blocks[:-1]:
-        x = checkpoint(block, x, use_reentrant=False) if visual.grad_checkpointing and torch.is_grad_enabled() \
-            else block(x)
-    block = visual.blocks[-1]
-    attn = block.attn
-    y = block.norm1(x)  # [B, N, C]
-    B, N, _ = y.shape
-    H, d, A = attn.num_heads, attn.head_dim, attn.attn_dim
-    w, b = attn.qkv.weight, attn.qkv.bias
-    q = F.linear(y[:, :1], w[:A], None if b is None else b[:A]).view(B, 1, H, d).transpose(1, 2)  # [B, H, 1, d]
-    k, v = F.linear(y, w[A:], None if b is None else b[A:]).view(B, N, 2, H, d).permute(2, 0, 3, 1, 4)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    if attn.fused_attn:
-        o = F.scaled_dot_product_attention(q, k, v)
-    else:
-        o = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
-    o = attn.proj_drop(attn.proj(attn.norm(o.transpose(1, 2).reshape(B, 1, A))))
-    x = x[:, :1] + block.drop_path1(block.ls1(o))
-    x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
-    return visual.forward_head(visual.norm(x))  # [B, C]
-
-
-def vit_masked_features(visual: nn.Module, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """``visual(x)`` (every block in full) on the kept patch tokens and the class token only."""
-    x = vit_embed(visual, x, keep)
-    for block in visual.blocks:
-        x = checkpoint(block, x, use_reentrant=False) if visual.grad_checkpointing and torch.is_grad_enabled() \
-            else block(x)
-    return visual.forward_head(visual.norm(x))  # [B, C]
-
-
-def _is_vit(visual: nn.Module) -> bool:
-    from timm.models.vision_transformer import VisionTransformer
-    return isinstance(visual, VisionTransformer) and hasattr(visual, '_pos_embed')
-
-
-def visual_forward(visual: nn.Module, x: torch.Tensor, class_token_only: bool = True,
-                   keep: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``visual(x)``, through the class-token-only last block where the tower allows it; with ``keep`` [B, n], on
-    those patch tokens (plus the class token) only (--ssl-mask-ratio, --clip-mask-ratio)."""
-    if class_token_only and _class_token_only_ok(visual):
-        return vit_class_token_features(visual, x, keep)
-    if keep is None:
-        return visual(x)
-    if not _is_vit(visual):
-        raise ValueError(f'token masking needs a timm ViT image tower, not {type(visual).__name__}')
-    return vit_masked_features(visual, x, keep)
-
-
-def _visual_features(visual: nn.Module, views, fuse: bool, class_token_only: bool = False, keeps=None):
-    """Backbone features of several image views (each with its kept patch indices or None), batched together where
-    allowed and their shapes agree: views of one size and one kept-token count share a pass, in their given order
-    (all of them when all agree: one concatenated pass)."""
-    keeps = list(keeps) if keeps is not None else [None] * len(views)
-    if not fuse or len(views) == 1:
-        return [visual_forward(visual, v, class_token_only, k) for v, k in zip(views, keeps)]
-    groups: Dict[tuple, List[int]] = {}  # (view shape, kept count or None) -> view positions, first seen first
-    for i, (v, k) in enumerate(zip(views, keeps)):
-        groups.setdefault((tuple(v.shape), None if k is None else tuple(k.shape)), []).append(i)
-    out = [None] * len(views)
-    for members in groups.values():
-        if len(members) == 1:
-            out[members[0]] = visual_forward(visual, views[members[0]], class_token_only, keeps[members[0]])
-            continue
-        keep = None if keeps[members[0]] is None else torch.cat([keeps[i] for i in members])
-        feats = visual_forward(visual, torch.cat([views[i] for i in members]), class_token_only, keep)
-        for i, f in zip(members, feats.chunk(len(members))):  # [V*B, C] -> V x [B, C]
-            out[i] = f
-    return out
-
-
-def set_dynamic_img_size(visual: nn.Module, enabled: bool = True) -> None:
-    """Let a built timm ViT take views of other sizes (multiples of its patch), timm's own way: what
-    ``dynamic_img_size=True`` at creation sets (the patch embedding keeps its grid [B, H, W, C] and does not insist
-    on the model's size; ``_pos_embed`` then resamples the position embedding with ``resample_abs_pos_embed``, and
-    returns it untouched at the model's own size). No parameter or state_dict key changes (--ssl-view-size).
-    ``enabled=False`` restores what timm builds by default (fixed size, flattened patch tokens)."""
-    from timm.layers import Format
-    if not _is_vit(visual):
-        raise ValueError(f'--ssl-view-size needs a timm ViT image tower, not {type(visual).__name__}')
-    visual.dynamic_img_size = enabled
-    visual.patch_embed.strict_img_size = not enabled
-    visual.patch_embed.flatten = not enabled
-    visual.patch_embed.output_fmt = Format.NHWC if enabled else Format.NCHW
+_class_token_only_ok = class_token_only_ok  # its name before towers.py (tests and notebooks use it)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Models
 # ----------------------------------------------------------------------------------------------------------------
+def as_batch(names: Tuple[str, ...], inputs: tuple) -> augment.Batch:
+    """What a forward runs on: its first input when that is an ``augment.Batch`` (ours), else the original SLIP's
+    positional tensors (``names`` the Batch fields they fill, in the original's argument order). Float views are
+    used as they come (ImageNet-normalised [B, 3, H, W], as the original's loaders made them); text is [B, 77] ids."""
+    first, rest = inputs[0], inputs[1:]
+    if isinstance(first, augment.Batch):
+        if any(x is not None for x in rest):
+            raise TypeError('forward takes an augment.Batch or the separate input tensors, not both')
+        return first
+    missing = [name for name, x in zip(names, inputs) if x is None]
+    if missing:
+        raise TypeError(f'forward({", ".join(names)}): missing {", ".join(missing)} (or pass an augment.Batch)')
+    return augment.Batch(**dict(zip(names, inputs)))
+
+
 class CLIP(nn.Module):
     """Image-text contrastive model. forward(batch) -> {'image_embed', 'text_embed', 'logit_scale'}.
 
@@ -380,9 +144,10 @@ class CLIP(nn.Module):
         """The parameters ``head`` uses (the training engine runs the head once per accumulated batch)."""
         return [self.logit_scale]
 
-    def forward(self, batch) -> Dict[str, torch.Tensor]:
-        """batch: an ``augment.Batch`` with ``image`` and ``text`` -> {'image_embed', 'text_embed', 'logit_scale'}."""
-        return self.head(self.towers(batch))
+    def forward(self, image, text: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """``model(batch)``, an ``augment.Batch`` with ``image`` and ``text``, or the original's ``model(image, text)``
+        -> {'image_embed', 'text_embed', 'logit_scale'}."""
+        return self.head(self.towers(as_batch(('image', 'text'), (image, text))))
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.transformer.grad_checkpointing = enable
@@ -398,7 +163,7 @@ class SIMCLR(nn.Module):
         super().__init__()
         self.vision_width = vision_width
         self.visual = vision_model
-        self.image_mlp = _build_mlp(vision_width, ssl_mlp_dim, ssl_emb_dim, ssl_head_norm)
+        self.image_mlp = build_mlp(vision_width, ssl_mlp_dim, ssl_emb_dim, ssl_head_norm)
         self.fuse_views = fuse_views
         self.class_token_only = True  # the ViT's last block computes the class token alone
 
@@ -407,20 +172,22 @@ class SIMCLR(nn.Module):
 
     def towers(self, batch) -> Dict[str, torch.Tensor]:
         """The two views' backbone features (before the SSL head, whose BatchNorm couples the batch)."""
-        h1, h2 = _visual_features(self.visual, [batch.aug1, batch.aug2], self.fuse_views, self.class_token_only,
+        h1, h2 = visual_features(self.visual, [batch.aug1, batch.aug2], self.fuse_views, self.class_token_only,
                                   [batch.aug1_keep, batch.aug2_keep])
         return {'aug1_feat': h1, 'aug2_feat': h2}
 
     def head(self, features: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         # The head runs per view: its BatchNorm statistics are per view in the original.
-        return {'aug1_embed': self.image_mlp(features['aug1_feat']), 'aug2_embed': self.image_mlp(features['aug2_feat'])}
+        return {'aug1_embed': self.image_mlp(features['aug1_feat']),
+                'aug2_embed': self.image_mlp(features['aug2_feat'])}
 
     def head_parameters(self) -> List[nn.Parameter]:
         return list(self.image_mlp.parameters())
 
-    def forward(self, batch) -> Dict[str, torch.Tensor]:
-        """batch: an ``augment.Batch`` with ``aug1`` and ``aug2`` -> {'aug1_embed', 'aug2_embed'}."""
-        return self.head(self.towers(batch))
+    def forward(self, aug1, aug2: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """``model(batch)``, an ``augment.Batch`` with ``aug1`` and ``aug2``, or the original's ``model(aug1, aug2)``
+        -> {'aug1_embed', 'aug2_embed'}."""
+        return self.head(self.towers(as_batch(('aug1', 'aug2'), (aug1, aug2))))
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.visual.set_grad_checkpointing(enable)
@@ -431,26 +198,29 @@ class SLIP(CLIP):
 
     def __init__(self, ssl_mlp_dim: int, ssl_emb_dim: int, ssl_head_norm: str = 'bn', **kwargs):
         super().__init__(**kwargs)
-        self.image_mlp = _build_mlp(self.vision_width, ssl_mlp_dim, ssl_emb_dim, ssl_head_norm)
+        self.image_mlp = build_mlp(self.vision_width, ssl_mlp_dim, ssl_emb_dim, ssl_head_norm)
 
     def towers(self, batch) -> Dict[str, torch.Tensor]:
         """Image and text embeddings, and the SimCLR views' backbone features (before the SSL head)."""
         text_embed = self.encode_text(batch.text)  # first: its one host sync (caption lengths) waits on little work
-        h1, h2, h = _visual_features(self.visual, [batch.aug1, batch.aug2, batch.image], self.fuse_views,
+        h1, h2, h = visual_features(self.visual, [batch.aug1, batch.aug2, batch.image], self.fuse_views,
                                      self.class_token_only, [batch.aug1_keep, batch.aug2_keep, batch.image_keep])
         return {'image_embed': h @ self.image_projection, 'text_embed': text_embed, 'aug1_feat': h1, 'aug2_feat': h2}
 
     def head(self, features: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         return {'image_embed': features['image_embed'], 'text_embed': features['text_embed'],
                 'logit_scale': self.logit_scale.exp(),
-                'aug1_embed': self.image_mlp(features['aug1_feat']), 'aug2_embed': self.image_mlp(features['aug2_feat'])}
+                'aug1_embed': self.image_mlp(features['aug1_feat']),
+                'aug2_embed': self.image_mlp(features['aug2_feat'])}
 
     def head_parameters(self) -> List[nn.Parameter]:
         return [self.logit_scale, *self.image_mlp.parameters()]
 
-    def forward(self, batch) -> Dict[str, torch.Tensor]:
-        """batch: an ``augment.Batch`` with all four views -> CLIP's outputs plus 'aug1_embed', 'aug2_embed'."""
-        return self.head(self.towers(batch))
+    def forward(self, image, text: Optional[torch.Tensor] = None, aug1: Optional[torch.Tensor] = None,
+                aug2: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """``model(batch)``, an ``augment.Batch`` with all four inputs, or the original's
+        ``model(image, text, aug1, aug2)`` -> CLIP's outputs plus 'aug1_embed', 'aug2_embed'."""
+        return self.head(self.towers(as_batch(('image', 'text', 'aug1', 'aug2'), (image, text, aug1, aug2))))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -477,7 +247,7 @@ class ModelSpec:
 
 
 MODELS: Dict[str, ModelSpec] = {}
-LEGACY_PREFIXES = {'CLIP_SIMCLR_': 'SLIP_'}  # pre-release name of SLIP stored in early released checkpoints
+LEGACY_PREFIXES = utils.LEGACY_PREFIXES  # pre-release name of SLIP stored in early released checkpoints
 FAMILY_CLASSES = {'clip': CLIP, 'simclr': SIMCLR, 'slip': SLIP}
 
 # Vision towers: timm model name and overrides (public create_model API), and the feature width.
@@ -572,9 +342,7 @@ MODELS['CLIP_RN50'] = ModelSpec('CLIP_RN50', 'clip', 224, CLIP_RN50, patch_size=
 
 def resolve_name(name: str) -> str:
     """Map a model name (including the legacy CLIP_SIMCLR_* names) to its registry name."""
-    for old, new in LEGACY_PREFIXES.items():
-        if name.startswith(old):
-            name = new + name[len(old):]
+    name = utils.current_model_name(name)
     if name not in MODELS:
         raise KeyError(f'unknown model {name!r}; known models: {", ".join(MODELS)}')
     return name
@@ -600,6 +368,13 @@ def create_model_from_args(name: str, args: Dict, **kwargs) -> nn.Module:
         norm = args.get('ssl_head_norm') or 'bn'
         kwargs['ssl_head_norm'] = 'bn' if norm == 'syncbn' else norm
     return create_model(spec.name, args.get('ssl_mlp_dim'), args.get('ssl_emb_dim'), **kwargs)
+
+
+def get_loss(model: str, ssl_temp: float = 0.1, ssl_scale: float = 1.0, legacy_clip_gather: bool = False) -> nn.Module:
+    """The loss of the model named ``model``, its family read from the registry: the original's
+    ``models.get_loss(model, ssl_temp, ssl_scale)``. (A legacy ``CLIP_SIMCLR_*`` name gets SLIP's loss, where the
+    original's name-prefix test gave it CLIP's.) ``legacy_clip_gather``: the original CLIP gather (losses.py)."""
+    return losses.loss_for_family(get_spec(model).family, ssl_temp, ssl_scale, legacy_clip_gather)
 
 
 def set_fast_paths(model: nn.Module, enabled: bool) -> None:

@@ -340,19 +340,30 @@ def strip_prefix(state_dict: Dict[str, torch.Tensor], prefix: str = 'module.') -
     return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state_dict.items()}
 
 
+# Early released checkpoints store SLIP under its pre-release name in args.model (SLIP issue #3).
+LEGACY_PREFIXES = {'CLIP_SIMCLR_': 'SLIP_'}
+
+
+def current_model_name(name: str) -> str:
+    """A model name with a legacy prefix (``CLIP_SIMCLR_*``) replaced by today's (``SLIP_*``); others unchanged."""
+    for old, new in LEGACY_PREFIXES.items():
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name
+
+
 def load_checkpoint(path: str, map_location: Any = 'cpu') -> Dict[str, Any]:
-    """Load a checkpoint of ours or a released SLIP one, safely, as a plain dict.
+    """Load a local checkpoint file of ours or a released SLIP one, safely, as a plain dict.
 
     Under ``torch.load(weights_only=True)`` with an allow-list (Namespace, pathlib paths): no arbitrary object is
     ever unpickled. The result has ``state_dict`` without the DDP ``module.`` prefix, ``args`` as a dict and the
-    legacy model name ``CLIP_SIMCLR_*`` mapped to ``SLIP_*``. ``path`` may also be a released name or an http(s)
-    URL, downloaded once into the cache (``zoo.resolve_checkpoint``).
+    legacy model name ``CLIP_SIMCLR_*`` mapped to ``SLIP_*``. A released name or an http(s) URL is first turned
+    into a local file by ``zoo.load_checkpoint``, which then calls this.
 
     Raises:
         CheckpointError: naming the file when it is missing, truncated, not a checkpoint or holds unsafe objects.
     """
-    import zoo  # here: zoo imports this module
-    path = zoo.resolve_checkpoint(path)
+    path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(f'checkpoint {path!r} does not exist')
     try:
@@ -374,10 +385,7 @@ def load_checkpoint(path: str, map_location: Any = 'cpu') -> Dict[str, Any]:
     ckpt['state_dict'] = strip_prefix(ckpt['state_dict'])
     ckpt['args'] = args_to_dict(ckpt.get('args'))
     if isinstance(ckpt['args'].get('model'), str):
-        from models import LEGACY_PREFIXES
-        for old, new in LEGACY_PREFIXES.items():
-            if ckpt['args']['model'].startswith(old):
-                ckpt['args']['model'] = new + ckpt['args']['model'][len(old):]
+        ckpt['args']['model'] = current_model_name(ckpt['args']['model'])
     return ckpt
 
 

@@ -4,8 +4,9 @@
 file: a path is returned as it is; a released name (``slip_base_100ep``) or an ``http(s)://`` URL is downloaded once
 into ``$SLIP_CACHE`` (default ``~/.cache/slip``) and the cached file returned. Nothing is downloaded otherwise.
 A download goes to a temporary file in the cache folder, is checked against the server's Content-Length and only then
-renamed to its final name, so a killed or truncated transfer never leaves a file under that name. The file is then
-read like any other through ``utils.load_checkpoint`` (``torch.load(weights_only=True)`` with an allow-list).
+renamed to its final name, so a killed or truncated transfer never leaves a file under that name.
+``load_checkpoint(spec)`` resolves, then reads the file like any other through ``utils.load_checkpoint``
+(``torch.load(weights_only=True)`` with an allow-list). This module builds on ``utils``, never the reverse.
 
 Figures: ImageNet-1k zero-shot / linear / fine-tuned top-1 as published in the SLIP README (SimCLR has no zero-shot).
 """
@@ -17,7 +18,7 @@ import tempfile
 import time
 import urllib.parse
 import urllib.request
-from typing import Dict, NamedTuple, Optional
+from typing import Any, Dict, NamedTuple, Optional
 
 import utils
 
@@ -167,6 +168,16 @@ def resolve_checkpoint(spec: str, progress: bool = True) -> str:
     if error is not None:
         raise error
     return path or _fetch(url, progress=False)
+
+
+def load_checkpoint(spec: str, map_location: Any = 'cpu', progress: bool = True) -> Dict[str, Any]:
+    """``utils.load_checkpoint`` of a checkpoint given as a path, a released name or an http(s) URL: what the stage
+    scripts' --resume / --pretrained / --finetune / --checkpoint take.
+
+    Raises:
+        utils.CheckpointError: an unknown name, a failed download, or a file the safe loader refuses.
+    """
+    return utils.load_checkpoint(resolve_checkpoint(spec, progress), map_location)
 
 
 def markdown_table() -> str:

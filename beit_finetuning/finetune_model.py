@@ -17,6 +17,7 @@ from timm.layers import resample_abs_pos_embed, trunc_normal_
 from timm.models.vision_transformer import VisionTransformer
 
 import utils
+import zoo
 
 # name -> ViT geometry. small is the MoCo v3 / SLIP ViT-S (12 heads, not timm's 6); the tiny one matches the image
 # tower of models.SLIP_TINY / CLIP_TINY / SIMCLR_TINY and exists for tests and CPU debugging.
@@ -113,7 +114,7 @@ def load_pretrained(model: VisionTransformer, path: str, model_key: str = 'model
 
     Args:
         model: the fine-tuning model.
-        path: checkpoint file, read through utils.load_checkpoint (safe, ``module.`` stripped).
+        path: checkpoint file, a released name or a URL, read through zoo.load_checkpoint (safe, ``module.`` stripped).
         model_key: '|'-separated candidate entries holding the weights (falls back to ``state_dict``).
         model_prefix: key prefix of the image tower, e.g. ``module.visual.`` for pre-training checkpoints.
 
@@ -123,7 +124,7 @@ def load_pretrained(model: VisionTransformer, path: str, model_key: str = 'model
     Raises:
         utils.CheckpointError: unreadable file, nothing under the prefix, or a tensor of the wrong shape.
     """
-    ckpt = utils.load_checkpoint(path)
+    ckpt = zoo.load_checkpoint(path)
     state_dict = _strip_model_prefix(_select_state_dict(ckpt, model_key, path), model_prefix, path)
     own = model.state_dict()
     for k in ('head.weight', 'head.bias'):  # a classifier for another label set is dropped, as in BEiT

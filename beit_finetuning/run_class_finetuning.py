@@ -31,6 +31,7 @@ from timm.optim import create_optimizer_v2
 from timm.utils import ModelEmaV3
 
 import utils
+import zoo
 from beit_finetuning import engine, finetune_data, finetune_model
 
 
@@ -201,7 +202,7 @@ def resume(args, model, optimizer, scaler, model_ema):
     path = find_resume_checkpoint(args)
     if not path:
         return args.start_epoch, 0.0
-    ckpt = utils.load_checkpoint(path)
+    ckpt = zoo.load_checkpoint(path)
     if not args.eval:
         utils.check_resume_args(ckpt['args'], vars(args), RESUME_FIELDS, path, args.resume_override,
                                 '--resume_override', dash=False)

@@ -17,6 +17,7 @@ from PIL import Image
 import augment
 import datasets
 import models
+import samples
 import utils
 
 
@@ -141,19 +142,19 @@ def test_yfcc_caption_never_picks_a_blank_one(tmp_path):
 def test_yfcc_zip_cache_per_process_and_bounded(tmp_path, monkeypatch):
     meta, _, _ = _yfcc(tmp_path)
     source = datasets.MetadataSource('yfcc15m', str(tmp_path), meta)
-    monkeypatch.setattr(datasets, '_zip_caches', {})
-    monkeypatch.setattr(datasets, 'ZIP_CACHE_SIZE', 1)
+    monkeypatch.setattr(samples, '_zip_caches', {})
+    monkeypatch.setattr(samples, 'ZIP_CACHE_SIZE', 1)
     first = np.asarray(source(0)[0])
-    cache = datasets._zip_caches[os.getpid()]
+    cache = samples._zip_caches[os.getpid()]
     assert list(cache) == [str(tmp_path / 'images' / '12' / '345.zip')]
     source(2)  # another archive: the least recently used one is closed and dropped
     assert list(cache) == [str(tmp_path / 'images' / '00' / '000.zip')]
-    monkeypatch.setattr(datasets, '_zip_caches', {12345: {}})  # as inherited from a parent process
+    monkeypatch.setattr(samples, '_zip_caches', {12345: {}})  # as inherited from a parent process
     source(0)
-    assert list(datasets._zip_caches) == [os.getpid()]  # the parent's handles are never reused
-    monkeypatch.setattr(datasets, 'ZIP_KEEP_OPEN', False)
-    monkeypatch.setattr(datasets, '_zip_caches', {})
-    assert np.array_equal(np.asarray(source(0)[0]), first) and datasets._zip_caches == {}
+    assert list(samples._zip_caches) == [os.getpid()]  # the parent's handles are never reused
+    monkeypatch.setattr(samples, 'ZIP_KEEP_OPEN', False)
+    monkeypatch.setattr(samples, '_zip_caches', {})
+    assert np.array_equal(np.asarray(source(0)[0]), first) and samples._zip_caches == {}
 
 
 @pytest.mark.parametrize('writer,expected', [
@@ -287,7 +288,7 @@ def test_bad_image_warnings_are_rate_limited(monkeypatch):
     records = []
     handler = logging.Handler()
     handler.emit = records.append
-    monkeypatch.setattr(datasets, '_bad_seen', [0])
+    monkeypatch.setattr(samples, '_bad_seen', [0])
     utils.logger.addHandler(handler)
     try:
         for k in range(100):

@@ -28,7 +28,7 @@ def _batch(name, n, seed=0) -> augment.Batch:
 
 def _engine(model, name, update_freq=1, legacy=False, **kw):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    return engine_lib.Engine(model, losses.get_loss(name), optimizer, device=torch.device('cpu'),
+    return engine_lib.Engine(model, models.get_loss(name), optimizer, device=torch.device('cpu'),
                              update_freq=update_freq, legacy_update_freq=legacy, **kw)
 
 
@@ -79,7 +79,7 @@ def test_exact_accumulation_replays_drop_path(name):
     metrics, _ = _engine(a, name, update_freq=4).forward_backward(micro)
     torch.manual_seed(7)
     features = [b.towers(mb) for mb in micro]
-    ref = losses.get_loss(name)(b.head({k: torch.cat([f[k] for f in features]) for k in features[0]}))
+    ref = models.get_loss(name)(b.head({k: torch.cat([f[k] for f in features]) for k in features[0]}))
     ref['loss'].backward()
     _assert_same_training(a, b, metrics['loss'], ref['loss'])
     torch.manual_seed(8)  # the masks matter: other draws give other features
@@ -92,7 +92,7 @@ def test_legacy_update_freq_is_the_per_micro_batch_loss(name):
     c = copy.deepcopy(b)
     micro = _batch(name, 16).chunk(2)
     metrics, _ = _engine(a, name, update_freq=2, legacy=True).forward_backward(micro)
-    criterion = losses.get_loss(name)
+    criterion = models.get_loss(name)
     ref_loss = 0
     for mb in micro:  # the original: each micro-batch its own contrastive batch, gradients averaged
         loss = criterion(b(mb))['loss'] / 2

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import losses
+import models
 
 
 def _embeds(n=6, d=5, seed=0):
@@ -98,8 +99,10 @@ def test_accuracy_metrics_count_matches():
 
 
 def test_get_loss_reads_family_from_registry():
-    assert isinstance(losses.get_loss('CLIP_VITB16'), losses.CLIPLoss)
-    assert isinstance(losses.get_loss('SIMCLR_TINY', ssl_temp=0.2), losses.SIMCLRLoss)
-    slip = losses.get_loss('CLIP_SIMCLR_VITB16', ssl_temp=0.2, ssl_scale=2.0)  # legacy name of SLIP
+    assert isinstance(models.get_loss('CLIP_VITB16'), losses.CLIPLoss)
+    assert isinstance(models.get_loss('SIMCLR_TINY', ssl_temp=0.2), losses.SIMCLRLoss)
+    slip = models.get_loss('CLIP_SIMCLR_VITB16', ssl_temp=0.2, ssl_scale=2.0)  # legacy name of SLIP
     assert isinstance(slip, losses.SLIPLoss) and slip.ssl_scale == 2.0 and slip.ssl_loss.tau == 0.2
-    assert losses.get_loss('CLIP_TINY', legacy_clip_gather=True).gather_with_grad is False
+    assert models.get_loss('CLIP_TINY', legacy_clip_gather=True).gather_with_grad is False
+    with pytest.raises(ValueError, match='unknown model family'):
+        losses.loss_for_family('byol')

@@ -74,7 +74,6 @@ def _inputs(name, batch=4, seed=0):
 
 @pytest.mark.parametrize('name', TINY)
 def test_tiny_forward_backward_every_parameter_gets_gradient(name):
-    import losses
     torch.manual_seed(0)
     model = models.create_model(name)
     out = model(_inputs(name))
@@ -83,7 +82,7 @@ def test_tiny_forward_backward_every_parameter_gets_gradient(name):
     assert set(out) == expected[models.get_spec(name).family]
     if 'logit_scale' in out:
         assert torch.allclose(out['logit_scale'], torch.tensor(1 / 0.07))  # exponentiated
-    loss = losses.get_loss(name)(out)['loss']
+    loss = models.get_loss(name)(out)['loss']
     loss.backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
     assert missing == []
@@ -108,9 +107,8 @@ def test_fast_paths_equal_plain_computation(name, checkpointing):
     out_fast, out_slow = fast(inputs), slow(inputs)
     for k in out_fast:
         torch.testing.assert_close(out_fast[k], out_slow[k], atol=1e-10, rtol=1e-10)
-    import losses
-    losses.get_loss(name)(out_fast)['loss'].backward()
-    losses.get_loss(name)(out_slow)['loss'].backward()
+    models.get_loss(name)(out_fast)['loss'].backward()
+    models.get_loss(name)(out_slow)['loss'].backward()
     for (n, a), (_, b) in zip(fast.named_parameters(), slow.named_parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-8, atol=1e-10, msg=n)
     for (n, a), (_, b) in zip(fast.named_buffers(), slow.named_buffers()):

@@ -13,9 +13,9 @@ from torch.utils.flop_counter import FlopCounterMode
 import augment
 import bench
 import datasets
-import losses
 import main as main_script
 import models
+import towers
 import utils
 from test_main import REPO, _run_cli
 from conftest import assert_same_weights
@@ -139,11 +139,11 @@ def test_views_of_one_shape_share_a_pass_and_equal_separate_passes(monkeypatch):
     batch = batch.apply(lambda t: t.double() if t.is_floating_point() else t)
     fused = model.towers(batch)
     calls = []
-    real = models.visual_forward
-    monkeypatch.setattr(models, 'visual_forward', lambda v, x, *a, **k: calls.append(x.shape[0]) or real(v, x, *a, **k))
+    real = towers.visual_forward
+    monkeypatch.setattr(towers, 'visual_forward', lambda v, x, *a, **k: calls.append(x.shape[0]) or real(v, x, *a, **k))
     model.towers(batch)
     assert calls == [8, 4]  # aug1 + aug2 together, then the full-size CLIP view
-    monkeypatch.setattr(models, 'visual_forward', real)
+    monkeypatch.setattr(towers, 'visual_forward', real)
     model.fuse_views = False
     separate = model.towers(batch)
     for k in fused:
@@ -311,6 +311,6 @@ def test_options_run_under_bf16_autocast():
                                   clip_mask_ratio=0.5)
     with utils.autocast('amp_bf16', torch.device('cpu')):
         out = model(batch)
-    loss = losses.get_loss('SLIP_TINY')(out)['loss']
+    loss = models.get_loss('SLIP_TINY')(out)['loss']
     loss.backward()
     assert torch.isfinite(loss) and model.visual.pos_embed.grad is not None

@@ -70,7 +70,7 @@ def test_released_name_downloads_once_and_a_cache_hit_makes_no_request(server, c
     assert requests == ['/slip/slip_base_100ep.pt']
     # a resumed run (or any later call) finds the cached file and asks nothing
     assert zoo.resolve_checkpoint('slip_base_100ep', progress=False) == path
-    ckpt = utils.load_checkpoint('slip_base_100ep')
+    ckpt = zoo.load_checkpoint('slip_base_100ep')
     assert torch.equal(ckpt['state_dict']['w'], torch.arange(6.0)) and ckpt['epoch'] == 3
     assert requests == ['/slip/slip_base_100ep.pt']
     assert sorted(os.listdir(cache)) == ['slip_base_100ep.pt']  # no temporary file left behind
@@ -78,7 +78,7 @@ def test_released_name_downloads_once_and_a_cache_hit_makes_no_request(server, c
 
 def test_url_loads_through_the_safe_funnel_and_prints_progress(server, cache, capsys):
     base, requests = server.url, server.requests
-    ckpt = utils.load_checkpoint(f'{base}/runs/mine.pt')
+    ckpt = zoo.load_checkpoint(f'{base}/runs/mine.pt')
     assert list(ckpt['state_dict']) == ['w'] and ckpt['args'] == {'model': 'CLIP_TINY'}
     (name,) = os.listdir(cache)
     assert name.endswith('_mine.pt') and len(name) == len('0123456789ab_mine.pt')  # hash prefix: no collisions
@@ -107,7 +107,7 @@ def test_unknown_name_lists_the_known_ones_and_asks_nothing(server, cache):
         zoo.resolve_checkpoint('slip_huge_1ep')
     assert all(name in str(e.value) for name in zoo.RELEASED)
     with pytest.raises(utils.CheckpointError, match='slip_base_100ep'):
-        utils.load_checkpoint('slip_huge_1ep')
+        zoo.load_checkpoint('slip_huge_1ep')
     assert requests == [] and not cache.exists()
 
 
@@ -120,6 +120,8 @@ def test_paths_pass_through_and_nothing_is_downloaded(server, cache, tmp_path):
     assert zoo.resolve_checkpoint('ckpt.pt') == 'ckpt.pt'
     with pytest.raises(utils.CheckpointError, match='does not exist'):
         utils.load_checkpoint(str(tmp_path / 'nope.pt'))
+    with pytest.raises(utils.CheckpointError, match='does not exist'):
+        utils.load_checkpoint('slip_base_100ep')  # the low-level loader reads files only; names go through zoo
     assert requests == [] and not cache.exists()
 
 
