@@ -3,7 +3,8 @@
 # SLIP_VITB16 and CLIP_VITB16 train steps at batch 128 with amp_bf16, with and without --compile, against the
 # baseline (the model's fast paths off); exact accumulation (4 x 64) against one batch of 256 and the memory of the
 # once-per-step head and loss at large accumulated batches; the SLIP input pipeline with 16 workers; then the
-# cheaper SimCLR views (--ssl-view-size, --ssl-mask-ratio and a combination) interleaved against CLIP at the same size.
+# cheaper SimCLR views (--ssl-view-size, --ssl-mask-ratio and a combination) interleaved against CLIP at the same size;
+# the training stall per checkpoint save of SLIP_VITB16, written in the training thread vs in the background.
 set -euo pipefail
 PY=${PYTHON:-python}
 for model in CLIP_VITB16 SLIP_VITB16; do
@@ -20,3 +21,4 @@ for model in SLIP_VITS16 SLIP_VITB16; do
   $PY bench.py train --model $model --batch-size 128 --precision amp_bf16 --device cuda --steps 20 --warmup 5 \
     --count-flops --clip-reference --variants "$VARIANTS"
 done
+$PY bench_save.py --model SLIP_VITB16 --device cuda --saves 3

@@ -21,8 +21,8 @@ An optimizer step takes K = ``update_freq`` micro-batches (``augment.Batch`` on 
   * K > 1 with ``legacy_update_freq`` (--legacy-update-freq): the original's accumulation, where every micro-batch
     is its own contrastive batch with its own BatchNorm statistics (for exact reproduction of its runs).
 
-Host syncs: one per optimizer step (are all losses finite, on every rank?); metrics stay on the device and are read
-only when a progress line is printed.
+Host syncs: one per optimizer step (are all losses finite, on every rank, and their mean, which the divergence guard
+watches); metrics stay on the device and are read only when a progress line is printed.
 
 Reference: the gradient cache of Gao et al., "Scaling Deep Contrastive Learning Batch Size under Memory Limited
 Setup" (arXiv 2101.06983), here with the batch-coupled head and its BatchNorm inside the cached part.
@@ -84,13 +84,27 @@ def _replayed_rng(state: tuple, device: torch.device):
         yield
 
 
-def all_ranks_true(flag: torch.Tensor, device: torch.device) -> bool:
-    """True when ``flag`` holds on every rank (one host sync)."""
-    if utils.get_world_size() == 1:
-        return bool(flag)
-    t = flag.to(device=device if device.type == 'cuda' else 'cpu', dtype=torch.int32).reshape(1)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
-    return bool(t.item())
+def all_ranks_finite(flag: torch.Tensor, loss: torch.Tensor, device: torch.device) -> Tuple[bool, float]:
+    """Whether ``flag`` holds on every rank, and the mean of ``loss`` over the ranks, in one host sync.
+
+    The mean loss is what the divergence guard (guard.py) watches: the same value on every rank, so every rank takes
+    the same rollback decision with no extra collective.
+    """
+    both = torch.stack([(~flag.bool()).float(), loss.detach().float()])  # [2]: non-finite count, loss
+    if utils.get_world_size() > 1:
+        both = both.to(device if device.type == 'cuda' else 'cpu')
+        torch.distributed.all_reduce(both)
+        both[1] /= utils.get_world_size()
+    nonfinite, mean_loss = both.tolist()
+    return nonfinite == 0, mean_loss
+
+
+class NonFiniteStreak(RuntimeError):
+    """Too many consecutive non-finite steps: global steps ``first`` .. ``last`` (the guard rolls back instead)."""
+
+    def __init__(self, message: str, first: Optional[int], last: Optional[int]):
+        super().__init__(message)
+        self.first, self.last = first, last
 
 
 class Engine:
@@ -103,7 +117,8 @@ class Engine:
         optimizer: built over ``model``'s parameters.
         precision: 'fp32', 'amp' (fp16 with the loss scaler) or 'amp_bf16'.
         update_freq: micro-batches per optimizer step (K above); ``legacy_update_freq`` the original's semantics.
-        max_nonfinite: stop after this many consecutive steps with a non-finite loss (each is skipped).
+        max_nonfinite: stop after this many consecutive steps with a non-finite loss (each is skipped), raising
+            NonFiniteStreak, which main.py's divergence guard turns into a rollback.
     """
 
     def __init__(self, model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer, *,
@@ -126,7 +141,10 @@ class Engine:
         self.net = torch.compile(net) if compile else net
         self.schedule = None
         self.streak = 0  # consecutive non-finite steps
-        self.skipped = 0  # non-finite steps skipped since the last reset_counts()
+        self.streak_start: Optional[int] = None  # the global step that began them
+        self.last_loss = float('nan')  # the last step's loss, averaged over ranks (host value)
+        self.global_step: Optional[int] = None  # the step being taken (fault injection reads it)
+        self.skipped = 0  # non-finite steps skipped in this epoch (train_one_epoch resets it)
         self._sums: Dict[str, torch.Tensor] = {}  # metric sums on the device since the last read_metrics()
         self._steps = 0
 
@@ -138,11 +156,19 @@ class Engine:
     def train(self) -> None:
         self.net.train()
 
+    def reset_state(self) -> None:
+        """Back to a freshly built engine's state (a rollback): no gradients (a step stopped by NonFiniteStreak
+        leaves its non-finite ones), no non-finite streak, no unread metrics."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.streak, self.streak_start, self.skipped, self.last_loss = 0, None, 0, float('nan')
+        self._sums, self._steps = {}, 0
+
     def step(self, micro_batches: Sequence[augment.Batch], global_step: Optional[int] = None,
              where: str = '') -> bool:
         """One optimizer step over ``micro_batches``; returns whether it was taken (False: non-finite, skipped)."""
         if len(micro_batches) != self.update_freq:
             raise ValueError(f'an optimizer step takes {self.update_freq} micro-batches, got {len(micro_batches)}')
+        self.global_step = global_step
         if self.schedule is not None and global_step is not None:
             for group in self.optimizer.param_groups:
                 group['lr'] = float(self.schedule[global_step])
@@ -154,10 +180,12 @@ class Engine:
         else:
             self.streak += 1
             self.skipped += 1
+            self.streak_start = global_step if self.streak == 1 else self.streak_start
             logger.warning('%s: non-finite loss, step skipped (%d in a row)', where or 'step', self.streak)
             if self.streak >= self.max_nonfinite:
-                raise RuntimeError(f'{self.streak} consecutive steps with a non-finite loss ({where}): lower --lr, '
-                                   f'try --precision amp_bf16/fp32, or check the data')
+                raise NonFiniteStreak(f'{self.streak} consecutive steps with a non-finite loss ({where}): lower --lr, '
+                                      f'try --precision amp_bf16/fp32, or check the data', self.streak_start,
+                                      global_step)
         self.optimizer.zero_grad(set_to_none=True)
         logit_scale = self._clamp_logit_scale()
         if logit_scale is not None:
@@ -190,7 +218,8 @@ class Engine:
             finite &= torch.isfinite(out['loss']).all()
             for name, v in out.items():
                 metrics[name] = metrics.get(name, 0) + v.detach() / k
-        return metrics, all_ranks_true(finite, self.device)
+        finite, self.last_loss = all_ranks_finite(finite, metrics['loss'], self.device)
+        return metrics, finite
 
     def _exact(self, micro_batches):
         # 1. the towers of every micro-batch, without gradient, and the RNG state each started from
@@ -206,7 +235,8 @@ class Engine:
         with self._autocast():
             out = self.criterion(self.model.head(kept))
         metrics = {name: v.detach() for name, v in out.items()}
-        if not all_ranks_true(torch.isfinite(out['loss']).all(), self.device):
+        finite, self.last_loss = all_ranks_finite(torch.isfinite(out['loss']).all(), out['loss'], self.device)
+        if not finite:
             return metrics, False
         if any(p.grad is not None for p in head_params):
             raise RuntimeError('exact accumulation starts from cleared gradients (optimizer.zero_grad)')
@@ -290,13 +320,16 @@ class Writers:
 
 
 def train_one_epoch(engine: Engine, loader, epoch: int, first_step: int, iters_per_epoch: int, args,
-                    writer: Optional[Writers] = None, on_step: Optional[Callable[[int], None]] = None) -> Dict:
+                    writer: Optional[Writers] = None, on_step: Optional[Callable[[int], None]] = None,
+                    skip: Optional[Callable[[int], bool]] = None) -> Dict:
     """Train optimizer steps ``first_step .. iters_per_epoch - 1`` of ``epoch`` from ``loader``'s batches.
 
     Reads ``args.print_freq``, ``args.epochs``, ``args.batch_size``, ``args.world_size``, ``args.max_bad_fraction``.
     ``on_step(step)`` is called after every optimizer step (main.py's mid-epoch checkpoints, which therefore fall on
-    optimizer-step boundaries). Returns the epoch's metric averages (synchronised over ranks), the last learning
-    rate, and the counts of bad samples and skipped steps.
+    optimizer-step boundaries, and the divergence guard). A step for which ``skip(step)`` is true (a window skipped
+    after a rollback) reads its micro-batches and discards them untrained, so the data stream stays where it would
+    be for every data format. Returns the epoch's metric averages (synchronised over ranks), the last learning rate,
+    and the counts of bad samples, non-finite skipped steps and discarded steps.
     """
     device, k = engine.device, engine.update_freq
     engine.train()
@@ -304,7 +337,7 @@ def train_one_epoch(engine: Engine, loader, epoch: int, first_step: int, iters_p
     meters = utils.MetricLogger(device if device.type == 'cuda' else None)
     counts = torch.zeros(2, dtype=torch.float64)  # bad samples, samples seen
     batches = iter(loader)  # every rank gets the same number of batches (map-style and WebDataset alike)
-    wait, t_epoch, step = 0.0, time.perf_counter(), first_step
+    wait, t_epoch, step, discarded = 0.0, time.perf_counter(), first_step, 0
     for step in range(first_step, iters_per_epoch):
         micro = []
         for _ in range(k):
@@ -313,11 +346,17 @@ def train_one_epoch(engine: Engine, loader, epoch: int, first_step: int, iters_p
             wait += time.perf_counter() - t  # the data-wait share is measured per micro-batch
             if batch is None:
                 break
+            if skip is not None and skip(step):
+                micro.append(None)  # read, then dropped: the step is skipped
+                continue
             counts += torch.tensor([float(batch.n_bad.sum()), len(batch.n_bad)], dtype=torch.float64)
             micro.append(augment.finish_views(batch.to(device, non_blocking=True)))
         if len(micro) < k:
             logger.warning('epoch %d: the data ran out after %d of %d steps', epoch, step, iters_per_epoch)
             break
+        if micro[0] is None:
+            discarded += 1
+            continue
         engine.step(micro, iters_per_epoch * epoch + step, where=f'epoch {epoch} step {step}')
         if (step + 1) % args.print_freq == 0 or step + 1 == iters_per_epoch:
             _report(engine, meters, counts, args, epoch, step, iters_per_epoch, wait, t_epoch, first_step, writer)
@@ -329,7 +368,7 @@ def train_one_epoch(engine: Engine, loader, epoch: int, first_step: int, iters_p
     meters.synchronize()
     _check_bad_fraction(counts, args, epoch)
     return {**meters.averages(), 'lr': engine.optimizer.param_groups[0]['lr'], 'bad_samples': int(counts[0]),
-            'skipped_steps': engine.skipped}
+            'skipped_steps': engine.skipped, 'discarded_steps': discarded}
 
 
 def _check_bad_fraction(counts, args, epoch):

@@ -9,18 +9,24 @@ Slurm: python run_with_submitit.py <the same flags> --nodes 8 --ngpus 8.
 The demo, on a laptop CPU in minutes, on data generated in code:
     python main.py --dataset demo --model SLIP_TINY --output-dir output/demo (see README for the full command)
 
-A killed run restarted with the same command continues from <output-dir>/checkpoint.pt at the exact next step.
+A killed run restarted with the same command continues from <output-dir>/checkpoint.pt at the exact next step. A run
+that diverges rolls back to an earlier checkpoint and skips the data that led to it (guard.py; README "Long runs").
 """
 import argparse
 import os
+import time
+import types
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 import augment
+import checkpoints
 import datasets
 import engine as engine_lib
+import faults
+import guard as guard_lib
 import models
 import utils
 import zoo
@@ -95,6 +101,9 @@ def get_args_parser():
     a('--labels', default=None, help='labels.json (default: beside this script)')
     a('--templates', default=None, help='templates.json (default: beside this script)')
     a('--save-every-steps', default=0, type=int, help='also checkpoint every N optimizer steps within an epoch')
+    checkpoints.add_args(p)  # --keep-checkpoints, --save-every-epochs, --async-save
+    guard_lib.add_args(p)  # --divergence-guard, --guard-*, --max-rollbacks, --rollback-lr-factor
+    faults.add_args(p)  # --inject-fault, --allow-fault-injection
     a('--print-freq', default=10, type=int, help='optimizer steps between progress lines')
     a('--evaluate', action='store_true', help='zero-shot evaluation only')
     a('--wandb', action='store_true', help='log to Weights & Biases (imported only then)')
@@ -144,6 +153,8 @@ def check_args(args):
         if args.eval_dataset not in catalog:
             errors.append(f'--eval-dataset {args.eval_dataset!r} is not in the catalog {args.catalog or "(default)"}; '
                           f'known: {", ".join(catalog)} (or none)')
+    for module in (checkpoints, guard_lib, faults):
+        module.check_args(args, errors)
     if errors:
         raise SystemExit('main.py: invalid arguments:\n  ' + '\n  '.join(errors))
 
@@ -302,7 +313,7 @@ RESUME_FIELDS = ('model', 'ssl_mlp_dim', 'ssl_emb_dim', 'ssl_head_norm', 'ssl_sc
                  'dataset', 'root', 'metadata', 'train_num_samples', 'demo_samples', 'world_size', 'batch_size',
                  'update_freq', 'legacy_update_freq', 'epochs', 'warmup_epochs', 'lr', 'lr_start', 'lr_end', 'wd',
                  'betas', 'eps', 'seed', 'precision', 'device_augment', 'ssl_view_size', 'ssl_mask_ratio',
-                 'clip_mask_ratio')
+                 'clip_mask_ratio', 'inject_fault')
 # WebDataset: each DataLoader worker reads its own shards, so the number of workers decides the sample order too.
 RESUME_FIELDS_WDS = ('workers', 'wds_shuffle_buffer')
 
@@ -319,21 +330,24 @@ def data_position(args, step: int) -> dict:
     return pos
 
 
-def resume(args, model, optimizer, scaler):
-    """Returns (start_epoch, start_step, best_acc1) from --resume or <output-dir>/checkpoint.pt.
+def resume(args, model, optimizer, scaler, path=None):
+    """Returns (start_epoch, start_step, best_acc1, record) from ``path``, --resume or <output-dir>/checkpoint.pt;
+    ``record`` is the checkpoint's long-run state (skip list, rollbacks, lr scale, guard; guard.LongRun).
 
     Refuses (naming each field) a checkpoint trained with other training-defining arguments unless
-    --resume-override; --evaluate only loads the weights.
+    --resume-override; --evaluate only loads the weights. A rollback resumes through here too.
     """
-    path = zoo.resolve_checkpoint(args.resume) if args.resume else os.path.join(args.output_dir, 'checkpoint.pt')
+    if path is None:
+        path = zoo.resolve_checkpoint(args.resume) if args.resume else os.path.join(args.output_dir, 'checkpoint.pt')
     if not os.path.isfile(path):
         if args.resume:
             raise FileNotFoundError(f'--resume {args.resume!r}: no such checkpoint')
-        return args.start_epoch, 0, 0.0
+        return args.start_epoch, 0, 0.0, {}
     ckpt = utils.load_checkpoint(path)
     if not args.evaluate:
         fields = RESUME_FIELDS + (RESUME_FIELDS_WDS if args.dataset == 'wds' else ())
         utils.check_resume_args(ckpt['args'], vars(args), fields, path, args.resume_override)
+        faults.check_resume(ckpt['args'], args, path)
         stored = ckpt.get('data_position')
         if stored and not args.resume_override and stored != data_position(args, ckpt.get('step', 0)):
             raise SystemExit(f'refusing to resume from {path}: its data position {stored} does not match this run '
@@ -344,20 +358,69 @@ def resume(args, model, optimizer, scaler):
     if 'scaler' in ckpt and ckpt['scaler']:
         scaler.load_state_dict(ckpt['scaler'])
     logger.info('=> resumed from %s (epoch %d, step %d)', path, ckpt.get('epoch', 0), ckpt.get('step', 0))
-    return ckpt.get('epoch', 0), ckpt.get('step', 0), float(ckpt.get('best_acc1', 0.0))
+    record = {k: ckpt[k] for k in ('skip_steps', 'rollbacks', 'lr_scale', 'guard') if k in ckpt}
+    return ckpt.get('epoch', 0), ckpt.get('step', 0), float(ckpt.get('best_acc1', 0.0)), record
 
 
-def save(args, model, engine, epoch, step, best_acc1, is_best=False):
-    """Checkpoint at an optimizer-step boundary: ``step`` steps of ``epoch`` are done."""
-    for name, p in model.named_parameters():
+def save(args, t, epoch, step, best_acc1, is_best=False):
+    """Checkpoint at an optimizer-step boundary: ``step`` steps of ``epoch`` are done. ``t``: the run (main)."""
+    for name, p in t.model.named_parameters():
         if not torch.isfinite(p).all():
             raise RuntimeError(f'refusing to save a checkpoint: parameter {name} holds non-finite values')
     state = {'epoch': epoch, 'step': step, 'best_acc1': best_acc1, 'args': args,
              'data_position': data_position(args, step),  # checked on resume
              # 'module.' keys, as the original's DDP checkpoints: its tools and BEiT's --model_prefix expect them
-             'state_dict': {'module.' + k: v for k, v in model.state_dict().items()},
-             'optimizer': engine.optimizer.state_dict(), 'scaler': engine.scaler.state_dict()}
-    utils.save_checkpoint(state, is_best, args.output_dir)
+             'state_dict': {'module.' + k: v for k, v in t.model.state_dict().items()},
+             'optimizer': t.engine.optimizer.state_dict(), 'scaler': t.engine.scaler.state_dict(),
+             **t.run.state_dict()}  # skip list, rollbacks, lr scale, the guard's window
+    suspect = t.run.suspect_since(t.engine)  # keep the checkpoint a rollback of the suspected spike would need
+    protect = divmod(suspect - 1, t.iters) if suspect else None
+    t.manager.save(state, is_best, protect)
+
+
+def train(args, t, start_epoch, start_step, best_acc1):
+    """The epoch loop from ``start_step`` steps of ``start_epoch``; returns (last epoch's stats, best_acc1)."""
+    t.run.start(args, t.engine, start_epoch, start_step, t.iters)  # random streams and schedule, as on resume
+    stats = {}
+    for epoch in range(start_epoch, args.epochs):
+        first = start_step if epoch == start_epoch else 0
+        t.sampler.set_epoch(epoch, first * args.update_freq, args.batch_size)  # skip what was already trained
+
+        def on_step(step, epoch=epoch, best=best_acc1):
+            t.run.observe(t.engine, t.iters * epoch + step - 1)  # raises guard.Divergence
+            if args.save_every_steps and step % args.save_every_steps == 0 and step < t.iters:
+                save(args, t, epoch, step, best)
+
+        train_stats = engine_lib.train_one_epoch(t.engine, t.loader, epoch, first, t.iters, args, t.writer,
+                                                 on_step=on_step, skip=t.run.skip(epoch))
+        val_stats = {}
+        if t.zs_assets is not None and (epoch + 1) % args.eval_freq == 0:
+            val_stats = run_zeroshot(t.model, args, t.zs_assets, t.tokenizer, t.device)
+        acc1 = val_stats.get('acc1', -1.0)
+        is_best = acc1 > best_acc1
+        best_acc1 = max(acc1, best_acc1)
+        save(args, t, epoch + 1, 0, best_acc1, is_best)
+        stats = {**{f'train_{k}': v for k, v in train_stats.items()},
+                 **{f'test_{k}': v for k, v in val_stats.items()}, 'epoch': epoch, 'rollbacks': len(t.run.rollbacks)}
+        if utils.is_main_process():
+            utils.append_json_line(os.path.join(args.output_dir, 'log.txt'), stats)
+        t.writer.scalars(stats, t.iters * (epoch + 1), prefix='epoch/')  # the step of the epoch's last update
+    return stats, best_acc1
+
+
+def rollback(args, t, div, error):
+    """Roll back a divergence: reload the newest checkpoint before it exactly as a resume does, record the skipped
+    window (and the lr scale) and save that checkpoint again with them, so that a restart skips it too."""
+    tic = time.perf_counter()
+    path = t.run.rollback_target(t.manager, div, t.iters, error)  # SystemExit after --max-rollbacks
+    epoch, step, best_acc1, record = resume(args, t.model, t.engine.optimizer, t.engine.scaler, path=path)
+    t.engine.reset_state()
+    t.run.load_state_dict(record, history=False)  # the guard's window from the checkpoint, this run's skip list
+    entry = t.run.record(div, (epoch, step), t.iters)
+    save(args, t, epoch, step, best_acc1)
+    t.manager.wait()
+    t.run.log_rollback(entry, time.perf_counter() - tic, args.output_dir)
+    return epoch, step, best_acc1
 
 
 def main(args):
@@ -370,7 +433,9 @@ def main(args):
     engine = build_engine(model, args, device)
     tokenizer = utils.Tokenizer() if spec.has_text else None
     zs_assets = zeroshot_setup(args, spec)
-    start_epoch, start_step, best_acc1 = resume(args, model, engine.optimizer, engine.scaler)
+    run = guard_lib.LongRun(args)
+    start_epoch, start_step, best_acc1, record = resume(args, model, engine.optimizer, engine.scaler)
+    run.load_state_dict(record)
     if args.evaluate:
         if zs_assets is None:
             raise SystemExit(f'nothing to evaluate: no zero-shot dataset for {args.model} ({args.eval_dataset})')
@@ -382,39 +447,30 @@ def main(args):
     iters_per_epoch //= args.update_freq  # trailing micro-batches that cannot fill an optimizer step are dropped
     if iters_per_epoch == 0:
         raise ValueError('the dataset is smaller than one optimizer step of batch-size x update-freq x processes')
-    engine.set_schedule(utils.cosine_scheduler(args.lr, args.lr_end, args.epochs, iters_per_epoch,
-                                               args.warmup_epochs, args.lr_start))
-    writer = engine_lib.Writers(args)
+    plan = faults.install(engine, args)
+    kill = (lambda e, s: plan.kill_during_save(e * iters_per_epoch + s - 1)) if plan else None
+    manager = checkpoints.CheckpointManager(args.output_dir, args.keep_checkpoints, args.save_every_epochs,
+                                            args.async_save, kill)
+    t = types.SimpleNamespace(model=model, engine=engine, run=run, manager=manager, loader=loader, sampler=sampler,
+                              iters=iters_per_epoch, zs_assets=zs_assets, tokenizer=tokenizer, device=device,
+                              writer=engine_lib.Writers(args))
     accumulation = '' if args.update_freq == 1 else \
         (' (legacy: per-micro-batch losses)' if args.legacy_update_freq else ' (exact accumulation)')
     logger.info('%s: %d processes x batch %d x update-freq %d = global batch %d%s; %d steps/epoch; precision %s; '
                 'peak lr %g', args.model, args.world_size, args.batch_size, args.update_freq,
                 args.world_size * args.batch_size * args.update_freq, accumulation, iters_per_epoch, args.precision,
-                args.lr)
-    stats = {}
-    for epoch in range(start_epoch, args.epochs):
-        first = start_step if epoch == start_epoch else 0
-        sampler.set_epoch(epoch, first * args.update_freq, args.batch_size)  # skip what was already trained
-
-        def save_mid_epoch(step, epoch=epoch):
-            if args.save_every_steps and step % args.save_every_steps == 0 and step < iters_per_epoch:
-                save(args, model, engine, epoch, step, best_acc1)
-
-        train_stats = engine_lib.train_one_epoch(engine, loader, epoch, first, iters_per_epoch, args, writer,
-                                                 on_step=save_mid_epoch)
-        val_stats = {}
-        if zs_assets is not None and (epoch + 1) % args.eval_freq == 0:
-            val_stats = run_zeroshot(model, args, zs_assets, tokenizer, device)
-        acc1 = val_stats.get('acc1', -1.0)
-        is_best = acc1 > best_acc1
-        best_acc1 = max(acc1, best_acc1)
-        save(args, model, engine, epoch + 1, 0, best_acc1, is_best)
-        stats = {**{f'train_{k}': v for k, v in train_stats.items()},
-                 **{f'test_{k}': v for k, v in val_stats.items()}, 'epoch': epoch}
-        if utils.is_main_process():
-            utils.append_json_line(os.path.join(args.output_dir, 'log.txt'), stats)
-        writer.scalars(stats, iters_per_epoch * (epoch + 1), prefix='epoch/')  # the step of the epoch's last update
-    writer.close()
+                args.lr * run.lr_scale)
+    try:
+        while True:
+            try:
+                stats, best_acc1 = train(args, t, start_epoch, start_step, best_acc1)
+                break
+            except (guard_lib.Divergence, engine_lib.NonFiniteStreak) as e:
+                div, error = run.as_divergence(e), str(e)  # plain data: the aborted epoch's frames are released
+            start_epoch, start_step, best_acc1 = rollback(args, t, div, error)
+    finally:
+        manager.close()
+    t.writer.close()
     if zs_assets is not None:
         logger.info('done: zero-shot top-1 on %s %.2f%% (best %.2f%%); outputs in %s', args.eval_dataset,
                     stats.get('test_acc1', float('nan')), best_acc1, args.output_dir)

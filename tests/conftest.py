@@ -85,17 +85,18 @@ def small_catalog(tmp_path_factory):
 # Kill-and-resume: a main.py command SIGKILLed mid-epoch, then run again to the end
 # ----------------------------------------------------------------------------------------------------------------
 # Run in place of ``python main.py ...``: main.py with a SIGKILL right after the checkpoint of a given step of the
-# first epoch is written, so the kill falls at a known step however fast or slow the machine is.
+# first epoch is written (verified and linked as checkpoint.pt, in the background writer when saves are async), so
+# the kill falls at a known step however fast or slow the machine is.
 _KILL_AFTER_SAVE = """
 import os, runpy, signal, sys
 sys.path.insert(0, os.getcwd())
-import utils
-_save, _step = utils.save_checkpoint, int(os.environ['SLIP_TEST_KILL_AT_STEP'])
-def save_then_die(state, *args, **kwargs):
-    _save(state, *args, **kwargs)
+import checkpoints
+_commit, _step = checkpoints.CheckpointManager.commit, int(os.environ['SLIP_TEST_KILL_AT_STEP'])
+def commit_then_die(self, state, *args, **kwargs):
+    _commit(self, state, *args, **kwargs)
     if state.get('epoch') == 0 and state.get('step') == _step:
         os.kill(os.getpid(), signal.SIGKILL)
-utils.save_checkpoint = save_then_die
+checkpoints.CheckpointManager.commit = commit_then_die
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name='__main__')
 """
@@ -103,19 +104,24 @@ runpy.run_path(sys.argv[0], run_name='__main__')
 
 @pytest.fixture
 def sigkill_and_rerun():
-    """``run(cmd, env, ckpt, step)``: ``cmd`` is a ``python main.py ...`` command line that checkpoints every step to
-    ``ckpt``. It runs with a SIGKILL right after the checkpoint of ``step`` steps of the first epoch, then runs again,
-    unchanged, to the end; returns the checkpoint it was killed at."""
+    """``run(cmd, env, ckpt, step, self_killing=False, between=None)``: ``cmd`` is a ``python main.py ...`` command
+    line that checkpoints every step to ``ckpt``. It runs with a SIGKILL right after the checkpoint of ``step`` steps
+    of the first epoch (``self_killing``: the command kills itself, with --inject-fault kill-during-save, and ``ckpt``
+    must then hold ``step`` steps), ``between()`` looks at what the kill left, then it runs again, unchanged, to the
+    end; returns the checkpoint it was killed at."""
     import subprocess
 
     import utils
 
-    def run(cmd, env, ckpt, step):
-        killed = subprocess.run([cmd[0], '-c', _KILL_AFTER_SAVE, *cmd[1:]], cwd=REPO,
+    def run(cmd, env, ckpt, step, self_killing=False, between=None):
+        killer = [] if self_killing else ['-c', _KILL_AFTER_SAVE]
+        killed = subprocess.run([cmd[0], *killer, *cmd[1:]], cwd=REPO,
                                 env=dict(env, SLIP_TEST_KILL_AT_STEP=str(step)), capture_output=True)
         assert killed.returncode == -9, killed.stderr.decode()[-2000:]  # died by SIGKILL, not by an error
         killed_at = utils.load_checkpoint(str(ckpt))
         assert (killed_at['epoch'], killed_at['step']) == (0, step)  # mid-epoch, where it was killed
+        if between is not None:
+            between()
         subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True)
         return killed_at
     return run
