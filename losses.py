@@ -66,8 +66,10 @@ class SIMCLRLoss(nn.Module):
         k_a, k_b = utils.all_gather_batch_with_grad([q_a, q_b])  # [N, D] each
         labels = _local_labels(q_a.shape[0], q_a.device)
         self_mask = F.one_hot(labels, k_a.shape[0]).bool()  # [n, N]: the sample itself in the same view
-        logits_aa = (q_a @ k_a.t() / self.tau).masked_fill(self_mask, -1e9)
-        logits_bb = (q_b @ k_b.t() / self.tau).masked_fill(self_mask, -1e9)
+        logits_aa, logits_bb = q_a @ k_a.t() / self.tau, q_b @ k_b.t() / self.tau
+        # the original's -1e9 (exp gives 0 either way), held within fp16's range under fp16 autocast
+        masked = max(-1e9, torch.finfo(logits_aa.dtype).min)
+        logits_aa, logits_bb = logits_aa.masked_fill(self_mask, masked), logits_bb.masked_fill(self_mask, masked)
         logits_ab = q_a @ k_b.t() / self.tau
         logits_ba = q_b @ k_a.t() / self.tau
         logits_a = torch.cat([logits_ab, logits_aa], dim=1)  # [n, 2N]; positive in the first block

@@ -106,3 +106,14 @@ def test_get_loss_reads_family_from_registry():
     assert models.get_loss('CLIP_TINY', legacy_clip_gather=True).gather_with_grad is False
     with pytest.raises(ValueError, match='unknown model family'):
         losses.loss_for_family('byol')
+
+
+def test_simclr_loss_runs_under_fp16_autocast_and_matches_fp32():
+    # the self-similarity mask once filled fp16 logits with -1e9, which overflows fp16 and raised
+    out = {k: v.detach().float() for k, v in _embeds(n=8, d=16, seed=3).items()}
+    loss = losses.SIMCLRLoss(0.1)
+    reference = loss(out)['loss']
+    with torch.autocast('cpu', dtype=torch.float16):
+        half = loss(out)['loss']
+    assert torch.isfinite(half)
+    torch.testing.assert_close(half.float(), reference, rtol=1e-2, atol=1e-2)
