@@ -1,0 +1,190 @@
+"""views.py, the host views: torchvision's draws and pixels bitwise at full scale (crops, colour jitter with the
+numpy hue shift, grayscale, blur, flip), crop statistics equal to RandomResizedCrop's, JPEG draft decoding of large
+images (the same crop geometry, close pixels), and the decode-in-make path of bad images."""
+import io
+import random
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms as T
+import torchvision.transforms.functional as TF
+from PIL import Image, ImageFilter
+
+import augment
+import bench_original
+import samples
+import views
+
+
+def _photo(size=(500, 375), seed=0) -> Image.Image:
+    """Smooth, colourful content (upsampled noise), as bench_data's fixture makes."""
+    base = np.random.default_rng(seed).integers(0, 256, (12, 16, 3), dtype=np.uint8)
+    return Image.fromarray(base).resize(size, Image.BICUBIC)
+
+
+def _jpeg(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format='JPEG', quality=90)
+    return buf.getvalue()
+
+
+def _reference(size, fmt):
+    """The transforms views.py replaces: torchvision's, as augment.build_transforms composed them before."""
+    clip, ssl = bench_original.original_transforms(size)
+    if fmt == 'uint8':
+        clip = T.Compose([*clip.transforms[:-2], augment.ToUint8()])
+        ssl = T.Compose([*ssl.transforms[:-2], augment.ToUint8()])
+    return clip, ssl
+
+
+def _seeded(seed, fn, *args):
+    torch.manual_seed(seed)
+    random.seed(seed)
+    out = fn(*args)
+    return out, torch.rand(1), random.random()  # the streams after: the same draws were taken
+
+
+@pytest.mark.parametrize('fmt', ['float', 'uint8'])
+def test_views_equal_torchvision_transforms_bitwise_and_draw_the_same_numbers(fmt):
+    images = [_photo(), _photo((120, 200), 1), _photo((40, 30), 2), _photo((300, 20), 3)]  # small: upsampled, fallback
+    clip, ssl, _ = augment.build_transforms(64, fmt)
+    ref_clip, ref_ssl = _reference(64, fmt)
+    for seed in range(60):
+        img = images[seed % len(images)]
+        for ours, ref in ((clip, ref_clip), (ssl, ref_ssl)):
+            got, want = _seeded(seed, ours, img), _seeded(seed, ref, img)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and got[2] == want[2], seed
+
+
+def test_simclr_draws_cover_every_branch_with_torchvision_probabilities():
+    view = views.SimCLRView(64, views.to_uint8)
+    torch.manual_seed(0)
+    random.seed(0)
+    draws = [view.draw(500, 375) for _ in range(4000)]
+    jittered = [d.jitter for d in draws if d.jitter is not None]
+    assert abs(len(jittered) / 4000 - 0.8) < 0.03 and abs(np.mean([d.gray for d in draws]) - 0.2) < 0.03
+    assert abs(np.mean([d.sigma is not None for d in draws]) - 0.5) < 0.03
+    assert abs(np.mean([d.flip for d in draws]) - 0.5) < 0.03
+    sigmas = [d.sigma for d in draws if d.sigma is not None]
+    assert 0.1 <= min(sigmas) and max(sigmas) <= 2.0
+    factors = np.array([j[1:] for j in jittered])
+    assert factors[:, :3].min() >= 0.6 and factors[:, :3].max() <= 1.4 and np.abs(factors[:, 3]).max() <= 0.1
+    assert len({j[0] for j in jittered}) == 24  # every order of the four colour ops
+
+
+def test_adjust_hue_equals_torchvision_for_every_shift_on_a_colour_grid():
+    # 52^3 colours (each channel in steps of 5, with 0 and 255) at all 51 shifts int(factor * 255) in -25..25;
+    # every one of the 2^24 colours at every shift was checked once the same way (0 pixels differ)
+    levels = np.arange(0, 256, 5)
+    grid = np.stack(np.meshgrid(levels, levels, levels, indexing='ij'), -1).reshape(-1, 3).astype(np.uint8)
+    img = Image.fromarray(grid.reshape(len(levels) ** 2, len(levels), 3))
+    for k in range(-25, 26):
+        factor = k / 255 + (1e-9 if k >= 0 else -1e-9)
+        assert int(np.int32(factor * 255)) == k
+        assert np.array_equal(np.asarray(views.adjust_hue(img, factor)), np.asarray(TF.adjust_hue(img, factor))), k
+
+
+def test_grayscale_then_blur_on_one_band_equals_torchvision():
+    img = _photo((64, 48))
+    for gray in (False, True):
+        for sigma in (None, 0.1, 0.7, 2.0):
+            want = TF.rgb_to_grayscale(img, 3) if gray else img
+            want = want if sigma is None else want.filter(ImageFilter.GaussianBlur(radius=sigma))
+            assert np.array_equal(np.asarray(views.gray_blur(img, gray, sigma)), np.asarray(want))
+
+
+def test_crop_draws_equal_torchvision_get_params():
+    draw = views.CropDraw((0.08, 1.0))
+    for size in ((500, 375), (1600, 1200), (37, 300), (3, 2)):
+        blank = Image.new('L', size)
+        for seed in range(50):
+            torch.manual_seed(seed)
+            want = T.RandomResizedCrop.get_params(blank, [0.08, 1.0], [3 / 4, 4 / 3])
+            torch.manual_seed(seed)
+            assert draw(*size) == tuple(want)
+
+
+def _ks_statistic(a, b):
+    """Two-sample Kolmogorov-Smirnov statistic sup |F_a - F_b|."""
+    both = np.sort(np.concatenate([a, b]))
+    return np.abs(np.searchsorted(np.sort(a), both, 'right') / len(a) -
+                  np.searchsorted(np.sort(b), both, 'right') / len(b)).max()
+
+
+@pytest.mark.parametrize('size', [(500, 375), (1600, 1200)])
+@pytest.mark.parametrize('scale', [(0.08, 1.0), (0.5, 1.0)])
+def test_crop_scale_and_aspect_follow_random_resized_crop(size, scale):
+    """20k draws each of ours (seeded as PairMaker seeds them) and of torchvision's with other seeds: the area
+    fraction and log aspect ratio have the same distribution (KS below the 0.1% critical value 1.95 sqrt(2/n),
+    means within 4 standard errors); the crop is inside the image and, where draft applies, the same region."""
+    n, draw = 20000, views.CropDraw(scale)
+    torch.manual_seed(1)
+    ours = np.array([draw(*size) for _ in range(n)], dtype=np.float64)
+    torch.manual_seed(2)
+    blank = Image.new('L', size)
+    ref = np.array([T.RandomResizedCrop.get_params(blank, list(scale), [3 / 4, 4 / 3]) for _ in range(n)],
+                   dtype=np.float64)
+    assert (ours[:, 0] + ours[:, 2] <= size[1]).all() and (ours[:, 1] + ours[:, 3] <= size[0]).all()
+    for stat in (lambda c: c[:, 2] * c[:, 3] / (size[0] * size[1]), lambda c: np.log(c[:, 3] / c[:, 2])):
+        a, b = stat(ours), stat(ref)
+        assert _ks_statistic(a, b) < 1.95 * np.sqrt(2 / n)
+        assert abs(a.mean() - b.mean()) < 4 * np.sqrt(a.var() / n + b.var() / n)
+    area = ours[:, 2] * ours[:, 3] / (size[0] * size[1])
+    assert scale[0] - 0.01 < area.min() and area.max() <= 1.0
+
+
+def test_draft_scale_keeps_every_crop_at_least_its_output_size():
+    assert views.draft_scale([((0, 0, 375, 500), 224)]) == 1
+    assert views.draft_scale([((0, 0, 900, 1200), 224)]) == 4
+    assert views.draft_scale([((0, 0, 900, 1200), 224), ((5, 5, 500, 460), 224)]) == 2
+    assert views.draft_scale([((0, 0, 100, 80), 224), ((0, 0, 2000, 2000), 224)]) == 1  # an upsampled crop
+    assert views.draft_scale([((0, 0, 1800, 1800), 224)]) == 8 and views.draft_scale([((0, 0, 3600, 3600), 224)]) == 8
+
+
+def test_views_of_500x375_never_draft_at_224():
+    clip = views.ClipView(224, views.to_uint8)
+    torch.manual_seed(0)
+    assert all(views.draft_scale(clip.crops(clip.draw(500, 375))) == 1 for _ in range(2000))
+
+
+def test_large_jpeg_decodes_reduced_and_gives_the_full_decode_views_closely():
+    big = _photo((1600, 1200), 5)
+    clip, ssl = views.ClipView(224, views.to_uint8), views.SimCLRView(224, views.to_uint8)
+    full, _ = samples.decode(samples.open_image(io.BytesIO(_jpeg(big)), 'big.jpg'))
+    torch.manual_seed(0)
+    random.seed(0)
+    reductions = []
+    for k in range(12):
+        params = [clip.draw(1600, 1200), ssl.draw(1600, 1200)]
+        reduce = views.draft_scale(clip.crops(params[0]) + ssl.crops(params[1]))
+        img, reduced = samples.decode(samples.open_image(io.BytesIO(_jpeg(big)), 'big.jpg'), reduce)
+        assert reduced == reduce and img.size == (-(-1600 // reduce), -(-1200 // reduce))
+        reductions.append(reduce)
+        for view, p in zip((clip, ssl), params):
+            got, want = view.render(img, p, reduced).float(), view.render(full, p).float()
+            assert (got - want).abs().mean() < 2.5  # the same region and colours, resampled in two steps
+    assert max(reductions) >= 2 and set(reductions) <= {1, 2, 4}
+
+
+def test_make_decodes_lazily_once_with_draft_and_is_deterministic(tokenizer):
+    maker = samples.PairMaker('slip', augment.build_transforms(64, 'uint8')[:2], tokenizer, seed=3)
+    data = _jpeg(_photo((1600, 1200), 6))
+
+    def sample(epoch):
+        maker.set_epoch(epoch)
+        return maker.make(samples.open_image(io.BytesIO(data), 'big.jpg'), ['a big photo'], maker.rng(7), 0)
+
+    first, again = sample(1).tensors(), sample(1).tensors()
+    assert all(torch.equal(first[k], again[k]) for k in first) and first['image'].shape == (64, 64, 3)
+    assert not torch.equal(sample(2).aug1, first['aug1'])
+
+
+def test_truncated_jpeg_fails_in_make_as_a_bad_image(tokenizer):
+    maker = samples.PairMaker('clip', augment.build_transforms(64, 'uint8')[:2], tokenizer, seed=0)
+    data = _jpeg(_photo())
+    img = samples.open_image(io.BytesIO(data[:len(data) // 2]), 'half.jpg')  # the header reads fine
+    with pytest.raises(samples.BadImage, match='half.jpg'):
+        maker.make(img, ['c'], maker.rng(0), 0)
+    with pytest.raises(samples.BadImage, match='junk.jpg'):
+        samples.open_image(io.BytesIO(b'\xff\xd8 not a jpeg'), 'junk.jpg')
