@@ -9,6 +9,7 @@ import io
 import json
 import os
 import pickle
+import resource
 import statistics
 import time
 
@@ -16,8 +17,10 @@ import numpy as np
 import torch
 
 import augment
+import bench_original
 import samples
 import utils
+import views
 from bench_train import _sync
 
 
@@ -42,42 +45,62 @@ def make_yfcc_fixture(root, metadata, n, seed=0, per_zip=1000):
         pickle.dump(records[:n] if n >= per_zip else records, f)
 
 
-def bench_data(args):
-    """The input pipeline alone: read, decode, every view, tokenize, collate. Configurations (interleaved):
-    baseline (zip reopened per sample, float views made in the worker), fast (what main.py runs: zips kept open,
-    uint8 views) and, with --device-augment, fast+device_augment, whose batched colour/blur cost on --device is
-    timed apart (``device_ms_per_sample``)."""
+def _cpu_seconds():
+    """CPU time of this process (all its threads) and of its waited-for children (DataLoader workers, once joined)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def _data_configs(args):
+    """(name, dataset, zips kept open, image format): the original SLIP's dataset code (bench_original.py), the
+    default host path (what main.py runs: zips kept open, views.py's views handed over as uint8) and, with
+    --device-augment, main.py --device-augment."""
     import datasets
+    import models
+    configs = []
+    if args.compare or args.baseline:
+        if args.dataset != 'yfcc15m':
+            raise ValueError('the original\'s configuration reads the yfcc15m zip layout (--dataset yfcc15m)')
+        spec = models.get_spec(args.model)
+        configs.append(('original', bench_original.OriginalYFCC(args.root, args.metadata, spec.family,
+                                                                spec.image_size), False, 'float'))
+    formats = ([] if args.baseline else ['uint8']) + (['device_augment'] if args.device_augment else [])
+    for fmt in formats:
+        args.image_format = fmt
+        ds = datasets.get_train_dataset(args, utils.Tokenizer())
+        ds.set_epoch(0)
+        configs.append(('fast' if fmt == 'uint8' else 'fast+device_augment', ds, True, fmt))
+    return configs
+
+
+def bench_data(args):
+    """The input pipeline alone: read, decode, every view, tokenize, collate, per configuration (_data_configs),
+    interleaved over 3 repetitions; samples/s from the median wall time and host CPU seconds per sample (the
+    process's and its workers'). With --device-augment the batched colour/blur on --device is timed apart
+    (``device_ms_per_sample``). ``--profile N`` adds a cProfile of the fast path's samples (top N by own time),
+    ``--stages`` the fast path's time per stage (``stage_times``)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a DataLoader worker: tiny tensor ops must not wait on a thread pool
     if args.make_fixture and not os.path.exists(args.metadata):
         make_yfcc_fixture(args.root, args.metadata, args.num_samples, args.seed, args.fixture_archive_size)
     args.demo_samples, args.train_num_samples = args.num_samples, args.num_samples
-    configs = [('baseline', False, 'float'), ('fast', True, 'uint8')] if args.compare else \
-        [('baseline', False, 'float') if args.baseline else ('fast', True, 'uint8')]
-    if args.device_augment:
-        configs.append(('fast+device_augment', True, 'device_augment'))
-    sets = {}
-    for name, _, fmt in configs:
-        args.image_format = fmt
-        sets[name] = datasets.get_train_dataset(args, utils.Tokenizer())
-        sets[name].set_epoch(0)
+    configs = _data_configs(args)
     device = utils.resolve_device(args.device) if args.device_augment else None
-    n = min(args.num_samples, len(sets[configs[0][0]]))
-    times = {c[0]: [] for c in configs}
-    finish = {c[0]: [] for c in configs}
+    n = min(args.num_samples, min(len(c[1]) for c in configs))
+    times, cpu, finish = ({c[0]: [] for c in configs} for _ in range(3))
     for rep in range(3):  # interleave repetitions of each configuration
-        for name, keep_open, fmt in configs:
+        for name, ds, keep_open, fmt in configs:
             samples.ZIP_KEEP_OPEN = keep_open
             samples._zip_caches.clear()
-            loader = torch.utils.data.DataLoader(sets[name], batch_size=16, num_workers=args.workers,
-                                                 collate_fn=augment.Batch.collate,
-                                                 sampler=[(rep * 7 + i) % len(sets[name]) for i in range(n)])
-            t, batches = time.perf_counter(), []
+            collate = augment.Batch.collate if name != 'original' else None  # the original: tuples, default collate
+            loader = torch.utils.data.DataLoader(ds, batch_size=16, num_workers=args.workers, collate_fn=collate,
+                                                 sampler=[(rep * 7 + i) % len(ds) for i in range(n)])
+            t, c, batches = time.perf_counter(), _cpu_seconds(), []
             for batch in loader:
                 if fmt == 'device_augment':
                     batches.append(batch)
             times[name].append(time.perf_counter() - t)
+            cpu[name].append(_cpu_seconds() - c)
             if batches:  # the device's share, timed apart from the workers'
                 torch.set_num_threads(threads)
                 t = time.perf_counter()
@@ -87,11 +110,84 @@ def bench_data(args):
                 finish[name].append(time.perf_counter() - t)
                 torch.set_num_threads(1)
     samples.ZIP_KEEP_OPEN = True
-    torch.set_num_threads(threads)
-    return [{'mode': 'data', 'dataset': args.dataset, 'model': args.model, 'config': name, 'workers': args.workers,
+    rows = [{'mode': 'data', 'dataset': args.dataset, 'model': args.model, 'config': name, 'workers': args.workers,
              'num_samples': n, 'samples_per_s': n / statistics.median(times[name]),
+             'host_cpu_s_per_sample': statistics.median(cpu[name]) / n,
              'device_ms_per_sample': statistics.median(finish[name]) / n * 1e3 if finish[name] else None}
-            for name, _, _ in configs]
+            for name, _, _, _ in configs]
+    for row, (name, ds, _, _) in zip(rows, configs):
+        if name == 'fast' and args.profile:
+            row['profile'] = profile_samples(ds, n, args.profile)
+        if name == 'fast' and args.stages:
+            row['stages_ms'] = stage_times(ds, n)
+    torch.set_num_threads(threads)
+    return rows
+
+
+def profile_samples(ds, n, top):
+    """cProfile of ``ds[i]`` for i < n in this process: the ``top`` entries by own time, as printed lines."""
+    import cProfile
+    import pstats
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for i in range(n):
+        ds[i]
+    profiler.disable()
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats('tottime').print_stats(top)
+    lines = out.getvalue().splitlines()
+    head = next(k for k, line in enumerate(lines) if line.strip().startswith('ncalls'))
+    return [line for line in lines[head:] if line.strip()]
+
+
+def stage_times(ds, n):
+    """Milliseconds per sample of each stage of the default host path on samples 0..n-1 of a yfcc15m dataset:
+    the same calls as samples.PairMaker.make and views.py's render, one timer each (draws, read, open, decode,
+    each view's crop+resize, each colour op, grayscale+blur, flip, to-uint8, tokenize)."""
+    from PIL import Image
+    maker, total = ds.maker, {}
+
+    def timed(stage, fn, *a):
+        t = time.perf_counter()
+        out = fn(*a)
+        total[stage] = total.get(stage, 0.0) + time.perf_counter() - t
+        return out
+
+    ops = {0: ('brightness', views.ImageEnhance.Brightness), 1: ('contrast', views.ImageEnhance.Contrast),
+           2: ('saturation', views.ImageEnhance.Color)}
+    for i in range(n):
+        rng = maker.rng(i)
+        record = ds.source.records[i]
+        s = f'{int(record[0]):08d}'
+        archive = os.path.join(ds.source.root, 'images', s[:2], s[2:5] + '.zip')
+        data = timed('read', samples._zip_read, archive, s[5:] + '.jpg')
+        img = timed('open', samples.open_image, io.BytesIO(data), archive)
+        caption = samples.pick_caption((record[1], record[2]), rng)
+        with samples.seeded_rngs(int(rng.integers(2 ** 63))):
+            params = timed('draws', lambda size: [t.draw(*size) for _, t in maker.views], img.size)
+        crops = [c for (_, t), p in zip(maker.views, params) for c in t.crops(p)]
+        img, reduced = timed('decode', samples.decode, img, views.draft_scale(crops))
+        for (field, t), p in zip(maker.views, params):
+            if field == 'image':
+                view = timed('clip_crop_resize', views.resized_crop, img, p, t.size, reduced)
+                timed('to_uint8', t.finish, view)
+                continue
+            view = timed('ssl_crop_resize', views.resized_crop, img, p.crop, t.size, reduced)
+            if p.jitter is not None:
+                order, *factors = p.jitter
+                for op in order:
+                    if op == 3:
+                        view = timed('hue', views.adjust_hue, view, factors[3])
+                    else:
+                        view = timed(ops[op][0], lambda v, k, f: ops[k][1](v).enhance(f), view, op, factors[op])
+            if p.gray or p.sigma is not None:
+                stage = 'grayscale+blur' if p.gray and p.sigma is not None else 'grayscale' if p.gray else 'blur'
+                view = timed(stage, views.gray_blur, view, p.gray, p.sigma)
+            if p.flip:
+                view = timed('flip', view.transpose, Image.FLIP_LEFT_RIGHT)
+            timed('to_uint8', t.finish, view)
+        timed('tokenize', maker.tokenizer, caption)
+    return {k: v / n * 1e3 for k, v in sorted(total.items(), key=lambda kv: -kv[1])}
 
 
 # ----------------------------------------------------------------------------------------------------------------
