@@ -52,9 +52,9 @@ def _cpu_seconds():
 
 
 def _data_configs(args):
-    """(name, dataset, zips kept open, image format): the original SLIP's dataset code (bench_original.py), the
-    default host path (what main.py runs: zips kept open, views.py's views handed over as uint8) and, with
-    --device-augment, main.py --device-augment."""
+    """(name, dataset, image format): the original SLIP's dataset code (bench_original.py), the default host path
+    (what main.py runs: zips kept open, views.py's views handed over as uint8) and, with --device-augment, main.py
+    --device-augment."""
     import datasets
     import models
     configs = []
@@ -63,22 +63,40 @@ def _data_configs(args):
             raise ValueError('the original\'s configuration reads the yfcc15m zip layout (--dataset yfcc15m)')
         spec = models.get_spec(args.model)
         configs.append(('original', bench_original.OriginalYFCC(args.root, args.metadata, spec.family,
-                                                                spec.image_size), False, 'float'))
+                                                                spec.image_size), 'float'))
     formats = ([] if args.baseline else ['uint8']) + (['device_augment'] if args.device_augment else [])
     for fmt in formats:
         args.image_format = fmt
         ds = datasets.get_train_dataset(args, utils.Tokenizer())
         ds.set_epoch(0)
-        configs.append(('fast' if fmt == 'uint8' else 'fast+device_augment', ds, True, fmt))
+        configs.append(('fast' if fmt == 'uint8' else 'fast+device_augment', ds, fmt))
     return configs
 
 
+def _timed_batches(loaders, workers):
+    """Yields (config index, batch, wall seconds, CPU seconds) for every batch of every loader. With workers=0, batch
+    by batch in turn (load changes on a shared machine hit every configuration alike), each batch's own time; with
+    workers, one loader after the other, its whole time (the last batch's includes the workers' exit, after which
+    their CPU time is counted)."""
+    iterators, live = [None] * len(loaders), list(range(len(loaders)))
+    while live:
+        for k in list(live) if not workers else live[:1]:
+            t, c = time.perf_counter(), _cpu_seconds()
+            if iterators[k] is None:
+                iterators[k] = iter(loaders[k])  # workers start here, on their configuration's clock
+            batch = next(iterators[k], None)
+            wall, cpu = time.perf_counter() - t, _cpu_seconds() - c
+            if batch is None:
+                live.remove(k)
+            yield k, batch, wall, cpu
+
+
 def bench_data(args):
-    """The input pipeline alone: read, decode, every view, tokenize, collate, per configuration (_data_configs),
-    interleaved over 3 repetitions; samples/s from the median wall time and host CPU seconds per sample (the
-    process's and its workers'). With --device-augment the batched colour/blur on --device is timed apart
-    (``device_ms_per_sample``). ``--profile N`` adds a cProfile of the fast path's samples (top N by own time),
-    ``--stages`` the fast path's time per stage (``stage_times``)."""
+    """The input pipeline alone: read, decode, every view, tokenize, collate, per configuration (_data_configs), in
+    3 repetitions, interleaved batch by batch with --workers 0; samples/s from the median wall time and host CPU
+    seconds per sample (the process's and its workers'). With --device-augment the batched colour/blur on --device
+    is timed apart (``device_ms_per_sample``). ``--profile N`` adds a cProfile of the fast path's samples (top N by
+    own time), ``--stages`` the fast path's time per stage (``stage_times``)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a DataLoader worker: tiny tensor ops must not wait on a thread pool
     if args.make_fixture and not os.path.exists(args.metadata):
@@ -88,34 +106,35 @@ def bench_data(args):
     device = utils.resolve_device(args.device) if args.device_augment else None
     n = min(args.num_samples, min(len(c[1]) for c in configs))
     times, cpu, finish = ({c[0]: [] for c in configs} for _ in range(3))
-    for rep in range(3):  # interleave repetitions of each configuration
-        for name, ds, keep_open, fmt in configs:
-            samples.ZIP_KEEP_OPEN = keep_open
-            samples._zip_caches.clear()
-            collate = augment.Batch.collate if name != 'original' else None  # the original: tuples, default collate
-            loader = torch.utils.data.DataLoader(ds, batch_size=16, num_workers=args.workers, collate_fn=collate,
-                                                 sampler=[(rep * 7 + i) % len(ds) for i in range(n)])
-            t, c, batches = time.perf_counter(), _cpu_seconds(), []
-            for batch in loader:
-                if fmt == 'device_augment':
-                    batches.append(batch)
-            times[name].append(time.perf_counter() - t)
-            cpu[name].append(_cpu_seconds() - c)
-            if batches:  # the device's share, timed apart from the workers'
-                torch.set_num_threads(threads)
-                t = time.perf_counter()
-                for batch in batches:
-                    augment.finish_views(batch.to(device))
-                _sync(device)
-                finish[name].append(time.perf_counter() - t)
-                torch.set_num_threads(1)
-    samples.ZIP_KEEP_OPEN = True
+    for rep in range(3):
+        samples._zip_caches.clear()
+        loaders = [torch.utils.data.DataLoader(
+            ds, batch_size=16, num_workers=args.workers, sampler=[(rep * 7 + i) % len(ds) for i in range(n)],
+            collate_fn=augment.Batch.collate if name != 'original' else None)  # the original: tuples, default
+            for name, ds, _ in configs]
+        spent, batches = [[0.0, 0.0] for _ in configs], []
+        for k, batch, wall, cpu_s in _timed_batches(loaders, args.workers):
+            spent[k][0] += wall
+            spent[k][1] += cpu_s
+            if batch is not None and configs[k][2] == 'device_augment':
+                batches.append(batch)
+        for (name, _, _), (wall, cpu_s) in zip(configs, spent):
+            times[name].append(wall)
+            cpu[name].append(cpu_s)
+        if batches:  # the device's share, timed apart from the workers'
+            torch.set_num_threads(threads)
+            t = time.perf_counter()
+            for batch in batches:
+                augment.finish_views(batch.to(device))
+            _sync(device)
+            finish['fast+device_augment'].append(time.perf_counter() - t)
+            torch.set_num_threads(1)
     rows = [{'mode': 'data', 'dataset': args.dataset, 'model': args.model, 'config': name, 'workers': args.workers,
              'num_samples': n, 'samples_per_s': n / statistics.median(times[name]),
              'host_cpu_s_per_sample': statistics.median(cpu[name]) / n,
              'device_ms_per_sample': statistics.median(finish[name]) / n * 1e3 if finish[name] else None}
-            for name, _, _, _ in configs]
-    for row, (name, ds, _, _) in zip(rows, configs):
+            for name, _, _ in configs]
+    for row, (name, ds, _) in zip(rows, configs):
         if name == 'fast' and args.profile:
             row['profile'] = profile_samples(ds, n, args.profile)
         if name == 'fast' and args.stages:
@@ -153,8 +172,7 @@ def stage_times(ds, n):
         total[stage] = total.get(stage, 0.0) + time.perf_counter() - t
         return out
 
-    ops = {0: ('brightness', views.ImageEnhance.Brightness), 1: ('contrast', views.ImageEnhance.Contrast),
-           2: ('saturation', views.ImageEnhance.Color)}
+    names = ('brightness', 'contrast', 'saturation', 'hue')
     for i in range(n):
         rng = maker.rng(i)
         record = ds.source.records[i]
@@ -176,10 +194,7 @@ def stage_times(ds, n):
             if p.jitter is not None:
                 order, *factors = p.jitter
                 for op in order:
-                    if op == 3:
-                        view = timed('hue', views.adjust_hue, view, factors[3])
-                    else:
-                        view = timed(ops[op][0], lambda v, k, f: ops[k][1](v).enhance(f), view, op, factors[op])
+                    view = timed(names[op], views.jitter, view, (op,), *factors)
             if p.gray or p.sigma is not None:
                 stage = 'grayscale+blur' if p.gray and p.sigma is not None else 'grayscale' if p.gray else 'blur'
                 view = timed(stage, views.gray_blur, view, p.gray, p.sigma)

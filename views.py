@@ -25,7 +25,7 @@ from typing import Callable, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from PIL import Image, ImageEnhance, ImageFilter
+from PIL import Image, ImageFilter
 
 Crop = Tuple[int, int, int, int]  # top, left, height, width (torchvision's order)
 DCT_SCALES = (8, 4, 2, 1)  # the reductions libjpeg decodes to directly
@@ -76,19 +76,29 @@ class SimCLRDraw:
 JITTER = (0.4, 0.4, 0.4, 0.1)  # SimCLR's ColorJitter strengths (brightness, contrast, saturation, hue)
 
 
+def _rand_below(p: float) -> bool:
+    """``torch.rand(1) < p`` as torchvision tests it (in float32: p rounded to float32), without a bool tensor."""
+    return torch.rand(1).item() < float(np.float32(p))
+
+
 def draw_simclr(crop: CropDraw, width: int, height: int, ranges: Sequence[Tuple[float, float]],
                 p_jitter: float = 0.8, p_gray: float = 0.2, p_blur: float = 0.5,
                 sigma: Tuple[float, float] = (0.1, 2.0)) -> SimCLRDraw:
     """Draws in the order and with the calls of torchvision's Compose([RandomResizedCrop, RandomApply([ColorJitter]),
-    RandomGrayscale, RandomApply([GaussianBlur]), RandomHorizontalFlip]): RandomApply skips when p < rand."""
+    RandomGrayscale, RandomApply([GaussianBlur]), RandomHorizontalFlip]) (RandomApply applies unless p < rand)."""
     box = crop(width, height)
     jitter = None
-    if not p_jitter < torch.rand(1):
-        order = tuple(int(k) for k in torch.randperm(4))
-        jitter = (order, *(float(torch.empty(1).uniform_(lo, hi)) for lo, hi in ranges))
-    gray = bool(torch.rand(1) < p_gray)
-    radius = None if p_blur < torch.rand(1) else random.uniform(*sigma)
-    return SimCLRDraw(box, jitter, gray, radius, bool(torch.rand(1) < 0.5))
+    if not _rand_above(p_jitter):
+        order = tuple(torch.randperm(4).tolist())
+        jitter = (order, *(torch.empty(1).uniform_(lo, hi).item() for lo, hi in ranges))
+    gray = _rand_below(p_gray)
+    radius = None if _rand_above(p_blur) else random.uniform(*sigma)
+    return SimCLRDraw(box, jitter, gray, radius, _rand_below(0.5))
+
+
+def _rand_above(p: float) -> bool:
+    """``p < torch.rand(1)`` in float32, as RandomApply tests it."""
+    return float(np.float32(p)) < torch.rand(1).item()
 
 
 def draft_scale(crops: Sequence[Tuple[Crop, int]]) -> int:
@@ -110,11 +120,11 @@ def _hue_tables():
     rgb2hsv, tabulated by PIL's own conversion: the hue depends on which channel is the largest (red first, then
     green, then blue, as PIL tests them) and on the other two channels' distances below it, (max - g, max - b),
     (max - r, max - b) or (max - r, max - g) for red, green or blue: ``hue[branch << 16 | d1 << 8 | d2]``; the
-    saturation on (chroma, max): ``sat[chroma << 8 | max]``.
+    saturation s on (chroma, max).
     hsv2rgb: with sextant i = floor(6h / 255), f = 6h / 255 - i and fs = s / 255 (float32), the largest channel is
-    v, the smallest p = round(v (1 - fs)) (``low[s << 8 | v]``), the middle one round(v (1 - fs f)) (fs f a float32
-    product) in odd sextants and round(v (1 - fs (1 - f))) (in double) in even ones: ``mid_factor[h << 8 | s]``
-    holds that factor of v in double."""
+    v, the smallest p = round(v (1 - fs)), the middle one round(v (1 - fs f)) (fs f a float32 product) in odd
+    sextants and round(v (1 - fs (1 - f))) (in double) in even ones. As v = max and s depend on (chroma, max) only,
+    ``sat_low[chroma << 8 | max]`` holds s | p << 8; ``mid_factor[h << 8 | s]`` the middle one's factor of v."""
     if not _HUE_TABLES:
         d1, d2 = np.divmod(np.arange(65536), 256)
         top = np.full(65536, 255)
@@ -130,8 +140,9 @@ def _hue_tables():
         fs = (np.arange(256, dtype=np.float64) / 255.0).astype(np.float32)
         odd = (i[hi] % 2 == 1)
         g = np.where(odd, (fs[lo] * f[hi]).astype(np.float64), fs[lo].astype(np.float64) * (1.0 - f[hi]))
-        _HUE_TABLES.update(hue=hsv[..., 0].ravel().copy(), sat=np.asarray(sat.convert('HSV'))[..., 1].ravel().copy(),
-                           low=_round_half_up(lo * (1.0 - fs[hi].astype(np.float64))),
+        sat = np.asarray(sat.convert('HSV'))[..., 1].ravel().astype(np.uint16)
+        low = _round_half_up(lo * (1.0 - fs[hi].astype(np.float64)))  # low[s << 8 | v]
+        _HUE_TABLES.update(hue=hsv[..., 0].ravel().copy(), sat_low=sat | (low[sat << 8 | lo].astype(np.uint16) << 8),
                            mid_factor=1.0 - g)
     return _HUE_TABLES
 
@@ -172,11 +183,12 @@ def adjust_hue(img: Image.Image, factor: float) -> Image.Image:
     key |= _key16(_pick(not_red, top - r, top - g), _pick(blue, top - g, top - b))
     h = t['hue'].take(key)
     h += np.uint8(int(factor * 255) % 256)  # torchvision: np.int32(factor * 255) (towards zero), wrapped to uint8
-    s = t['sat'].take(_key16(chroma, top))
+    sat_low = t['sat_low'].take(_key16(chroma, top))
+    s, low = sat_low.astype(np.uint8), (sat_low >> 8).astype(np.uint8)
     mid = t['mid_factor'].take(_key16(h, s))
     mid *= top.astype(np.float64)
-    mid = _round_half_up(mid)
-    low = t['low'].take(_key16(s, top))
+    mid += 0.5
+    mid = mid.astype(np.uint8)  # C's round() of a non-negative double: every colour and shift checked
     i = h.astype(np.uint16)
     i *= 6
     i //= 255
@@ -207,18 +219,25 @@ def resized_crop(img: Image.Image, crop: Crop, size: int, reduced: int = 1) -> I
 
 def jitter(img: Image.Image, order: Sequence[int], brightness: float, contrast: float, saturation: float,
            hue: float) -> Image.Image:
-    """torchvision's ColorJitter with drawn factors on a PIL image: ImageEnhance's brightness, contrast and colour
-    blends and ``adjust_hue``, in ``order`` (0 brightness, 1 contrast, 2 saturation, 3 hue)."""
+    """torchvision's ColorJitter with drawn factors on a PIL image, in ``order`` (0 brightness, 1 contrast,
+    2 saturation, 3 hue): PIL ImageEnhance's blends with a black, a mean-gray and a grayscale image (built with
+    fewer conversions: the same pixels) and ``adjust_hue``."""
     for op in order:
         if op == 0:
-            img = ImageEnhance.Brightness(img).enhance(brightness)
-        elif op == 1:
-            img = ImageEnhance.Contrast(img).enhance(contrast)
+            img = Image.blend(Image.new('RGB', img.size, 0), img, brightness)
+        elif op == 1:  # ImageEnhance.Contrast: the mean of the 'L' image, rounded half up, as ImageStat has it
+            hist = img.convert('L').histogram()
+            mean = int(float(np.dot(_LEVELS, hist)) / (img.width * img.height) + 0.5)
+            img = Image.blend(Image.new('RGB', img.size, (mean, mean, mean)), img, contrast)
         elif op == 2:
-            img = ImageEnhance.Color(img).enhance(saturation)
+            band = img.convert('L')
+            img = Image.blend(Image.merge('RGB', (band, band, band)), img, saturation)
         else:
             img = adjust_hue(img, hue)
     return img
+
+
+_LEVELS = np.arange(256, dtype=np.int64)
 
 
 def gray_blur(img: Image.Image, gray: bool, sigma: Optional[float]) -> Image.Image:

@@ -85,6 +85,16 @@ def test_adjust_hue_equals_torchvision_for_every_shift_on_a_colour_grid():
         assert np.array_equal(np.asarray(views.adjust_hue(img, factor)), np.asarray(TF.adjust_hue(img, factor))), k
 
 
+def test_jitter_ops_one_by_one_equal_torchvision():
+    img = _photo((64, 48), 4)
+    ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+    for op, factor in ((0, 0.61), (0, 1.37), (1, 0.64), (1, 1.33), (2, 0.7), (2, 1.4), (3, -0.09), (3, 0.004)):
+        factors = [1.0, 1.0, 1.0, 0.0]
+        factors[op] = factor
+        got = views.jitter(img, (op,), *factors)
+        assert np.array_equal(np.asarray(got), np.asarray(ops[op](img, factor))), (op, factor)
+
+
 def test_grayscale_then_blur_on_one_band_equals_torchvision():
     img = _photo((64, 48))
     for gray in (False, True):
