@@ -192,9 +192,11 @@ def stage_times(ds, n):
                 continue
             view = timed('ssl_crop_resize', views.resized_crop, img, p.crop, t.size, reduced)
             if p.jitter is not None:
-                order, *factors = p.jitter
+                order, *factors = p.jitter  # views.jitter, one timer per step
+                x = timed('jitter_to_from_planes', views._float_planes, view)
                 for op in order:
-                    view = timed(names[op], views.jitter, view, (op,), *factors)
+                    x = timed(names[op], views.JITTER_STEPS[op], x, factors[op])
+                view = timed('jitter_to_from_planes', views._float_image, x, view.size)
             if p.gray or p.sigma is not None:
                 stage = 'grayscale+blur' if p.gray and p.sigma is not None else 'grayscale' if p.gray else 'blur'
                 view = timed(stage, views.gray_blur, view, p.gray, p.sigma)

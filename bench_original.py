@@ -3,8 +3,8 @@
 Written here from the description of facebookresearch/SLIP (datasets.py, tokenizer.py, main.py; commit c6faf5d) in
 docs/SLIP_REFERENCE.md sections 3-4, so that the benchmark's ratio is to what the original does per sample:
   * the metadata pickle loaded as a Python list of (photo_id, title, description);
-  * ``yfcc_loader``: a new ZipFile on every call (its central directory read each time), the member read, PIL
-    decode, ``.convert('RGB')``;
+  * ``yfcc_loader``: a new ZipFile on every call (its central directory read each time), the member opened as a file
+    object for PIL, decoded by ``.convert('RGB')`` after the archive is closed;
   * the caption: ``np.random.choice`` between title and description (the global NumPy stream, no per-sample seed);
   * the CLIP view: RandomResizedCrop(224, scale=(0.5, 1)) -> ToTensor -> Normalize, in the worker;
   * two SimCLR views: RandomResizedCrop(224, scale=(0.08, 1)) -> RandomApply([ColorJitter(0.4, 0.4, 0.4, 0.1)],
@@ -15,7 +15,6 @@ docs/SLIP_REFERENCE.md sections 3-4, so that the benchmark's ratio is to what th
     open_clip's ``SimpleTokenizer.encode`` (the same vocabulary, merges and clean-up);
   * samples are tuples, batched by the DataLoader's default collate.
 """
-import io
 import os
 import pickle
 import zipfile
@@ -71,10 +70,12 @@ class OriginalYFCC(torch.utils.data.Dataset):
         return len(self.samples)
 
     def load(self, photo_id: int) -> Image.Image:
+        """PIL reads the member through the archive's file object, and decodes it once the archive is closed (its
+        file stays open for the member), as the original's yfcc_loader does."""
         s = f'{int(photo_id):08d}'
         with zipfile.ZipFile(os.path.join(self.root, 'images', s[:2], s[2:5] + '.zip')) as z:
-            data = z.read(s[5:] + '.jpg')
-        return Image.open(io.BytesIO(data)).convert('RGB')
+            img = Image.open(z.open(s[5:] + '.jpg'))
+        return img.convert('RGB')
 
     def __getitem__(self, i):
         photo_id, title, description = self.samples[i]

@@ -124,7 +124,8 @@ def _hue_tables():
     hsv2rgb: with sextant i = floor(6h / 255), f = 6h / 255 - i and fs = s / 255 (float32), the largest channel is
     v, the smallest p = round(v (1 - fs)), the middle one round(v (1 - fs f)) (fs f a float32 product) in odd
     sextants and round(v (1 - fs (1 - f))) (in double) in even ones. As v = max and s depend on (chroma, max) only,
-    ``sat_low[chroma << 8 | max]`` holds s | p << 8; ``mid_factor[h << 8 | s]`` the middle one's factor of v."""
+    ``sat_low[chroma << 8 | max]`` holds s | p << 8; ``mid_factor[h << 8 | s]`` the middle one's factor of v,
+    rounded to float32: round(v x factor) in float32 equals PIL's double result for every (h, s, v) (checked)."""
     if not _HUE_TABLES:
         d1, d2 = np.divmod(np.arange(65536), 256)
         top = np.full(65536, 255)
@@ -143,7 +144,7 @@ def _hue_tables():
         sat = np.asarray(sat.convert('HSV'))[..., 1].ravel().astype(np.uint16)
         low = _round_half_up(lo * (1.0 - fs[hi].astype(np.float64)))  # low[s << 8 | v]
         _HUE_TABLES.update(hue=hsv[..., 0].ravel().copy(), sat_low=sat | (low[sat << 8 | lo].astype(np.uint16) << 8),
-                           mid_factor=1.0 - g)
+                           mid_factor=(1.0 - g).astype(np.float32))
     return _HUE_TABLES
 
 
@@ -170,9 +171,13 @@ def _key16(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
 def adjust_hue(img: Image.Image, factor: float) -> Image.Image:
     """torchvision's adjust_hue on an RGB PIL image (the hue channel of PIL's HSV shifted by int(factor * 255)
     mod 256), with PIL's conversion arithmetic in numpy: the same pixels for every colour and shift."""
+    return _image(_hue(_planes(img), factor), img.size)
+
+
+def _hue(x: np.ndarray, factor: float) -> np.ndarray:
+    """adjust_hue on planes [3, N] uint8."""
     t = _hue_tables()
-    size = img.size
-    r, g, b = (np.frombuffer(img.tobytes('raw', band), np.uint8) for band in 'RGB')  # flat planes
+    r, g, b = x
     top = np.maximum(np.maximum(r, g), b)
     chroma = top - np.minimum(np.minimum(r, g), b)
     not_red = r != top
@@ -186,9 +191,9 @@ def adjust_hue(img: Image.Image, factor: float) -> Image.Image:
     sat_low = t['sat_low'].take(_key16(chroma, top))
     s, low = sat_low.astype(np.uint8), (sat_low >> 8).astype(np.uint8)
     mid = t['mid_factor'].take(_key16(h, s))
-    mid *= top.astype(np.float64)
-    mid += 0.5
-    mid = mid.astype(np.uint8)  # C's round() of a non-negative double: every colour and shift checked
+    mid *= top.astype(np.float32)
+    mid += np.float32(0.5)
+    mid = mid.astype(np.uint8)  # C's round() (halves up; non-negative): truncation of + 0.5
     i = h.astype(np.uint16)
     i *= 6
     i //= 255
@@ -200,8 +205,7 @@ def adjust_hue(img: Image.Image, factor: float) -> Image.Image:
     at_low = i + np.uint8(4)  # the channel holding p: red in 2 and 3, green in 4 and 5, blue in 0 and 1
     at_low -= (at_low >= 6).view(np.uint8) * np.uint8(6)
     at_low >>= 1
-    out = [_pick(at_top == c, top, _pick(at_low == c, low, mid)) for c in range(3)]
-    return Image.merge('RGB', [Image.frombuffer('L', size, o, 'raw', 'L', 0, 1) for o in out])
+    return np.stack([_pick(at_top == c, top, _pick(at_low == c, low, mid)) for c in range(3)])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -217,27 +221,74 @@ def resized_crop(img: Image.Image, crop: Crop, size: int, reduced: int = 1) -> I
     return img.resize((size, size), Image.BILINEAR, box=box)
 
 
+def _planes(img: Image.Image) -> np.ndarray:
+    """RGB PIL image -> uint8 planes [3, H * W]."""
+    return np.stack([np.frombuffer(img.tobytes('raw', band), np.uint8) for band in 'RGB'])
+
+
+def _image(x: np.ndarray, size: Tuple[int, int]) -> Image.Image:
+    """uint8 planes [3, H * W] -> RGB PIL image."""
+    return Image.merge('RGB', [Image.frombuffer('L', size, np.ascontiguousarray(p), 'raw', 'L', 0, 1) for p in x])
+
+
+def _luma(x: np.ndarray) -> np.ndarray:
+    """PIL's RGB -> 'L' (libImaging/Convert.c rgb2l: (19595 r + 38470 g + 7471 b + 2^15) >> 16) of float32 planes
+    [3, N] holding 0-255: exact in float32 (every partial sum is an integer below 2^24)."""
+    y = x[0] * np.float32(19595)
+    y += x[1] * np.float32(38470)
+    y += x[2] * np.float32(7471)
+    y += np.float32(0x8000)
+    y *= np.float32(1 / 65536)
+    return np.floor(y, out=y)
+
+
+def _blend(x: np.ndarray, base, factor: float) -> np.ndarray:
+    """PIL's Image.blend(base, x, factor) (libImaging/Blend.c) in place on float32 planes [3, N] holding 0-255:
+    base + factor (x - base) in float32, clipped to 0-255 when extrapolating, truncated; ``base`` a number or a
+    plane [N] shared by the channels."""
+    if isinstance(base, np.ndarray) or base:
+        x -= base
+        x *= np.float32(factor)
+        x += base
+    else:  # with black: 0 + factor x
+        x *= np.float32(factor)
+    if not 0 <= factor <= 1:
+        np.clip(x, 0, 255, out=x)
+    return np.trunc(x, out=x)
+
+
+def _contrast(x: np.ndarray, factor: float) -> np.ndarray:
+    """ImageEnhance.Contrast: a blend with the mean of the 'L' image, rounded half up (ImageStat's mean)."""
+    return _blend(x, np.float32(int(float(_luma(x).sum(dtype=np.float64)) / x.shape[1] + 0.5)), factor)
+
+
+def _hue_float(x: np.ndarray, factor: float) -> np.ndarray:
+    return _hue(x.astype(np.uint8), factor).astype(np.float32)
+
+
+# ColorJitter's four operations on float32 planes [3, N] holding 0-255 (ImageEnhance's Brightness, Contrast, Color;
+# the hue shift)
+JITTER_STEPS = (lambda x, f: _blend(x, np.float32(0), f), _contrast, lambda x, f: _blend(x, _luma(x), f),
+                _hue_float)
+
+
 def jitter(img: Image.Image, order: Sequence[int], brightness: float, contrast: float, saturation: float,
            hue: float) -> Image.Image:
     """torchvision's ColorJitter with drawn factors on a PIL image, in ``order`` (0 brightness, 1 contrast,
-    2 saturation, 3 hue): PIL ImageEnhance's blends with a black, a mean-gray and a grayscale image (built with
-    fewer conversions: the same pixels) and ``adjust_hue``."""
+    2 saturation, 3 hue), on numpy planes with PIL's arithmetic: ImageEnhance's blends with black, with the mean of
+    the 'L' image and with the 'L' image, and PIL's HSV hue shift (``JITTER_STEPS``)."""
+    x, factors = _float_planes(img), (brightness, contrast, saturation, hue)
     for op in order:
-        if op == 0:
-            img = Image.blend(Image.new('RGB', img.size, 0), img, brightness)
-        elif op == 1:  # ImageEnhance.Contrast: the mean of the 'L' image, rounded half up, as ImageStat has it
-            hist = img.convert('L').histogram()
-            mean = int(float(np.dot(_LEVELS, hist)) / (img.width * img.height) + 0.5)
-            img = Image.blend(Image.new('RGB', img.size, (mean, mean, mean)), img, contrast)
-        elif op == 2:
-            band = img.convert('L')
-            img = Image.blend(Image.merge('RGB', (band, band, band)), img, saturation)
-        else:
-            img = adjust_hue(img, hue)
-    return img
+        x = JITTER_STEPS[op](x, factors[op])
+    return _float_image(x, img.size)
 
 
-_LEVELS = np.arange(256, dtype=np.int64)
+def _float_planes(img: Image.Image) -> np.ndarray:
+    return _planes(img).astype(np.float32)
+
+
+def _float_image(x: np.ndarray, size: Tuple[int, int]) -> Image.Image:
+    return _image(x.astype(np.uint8), size)
 
 
 def gray_blur(img: Image.Image, gray: bool, sigma: Optional[float]) -> Image.Image:

@@ -75,7 +75,7 @@ def test_simclr_draws_cover_every_branch_with_torchvision_probabilities():
 
 def test_adjust_hue_equals_torchvision_for_every_shift_on_a_colour_grid():
     # 52^3 colours (each channel in steps of 5, with 0 and 255) at all 51 shifts int(factor * 255) in -25..25;
-    # every one of the 2^24 colours at every shift was checked once the same way (0 pixels differ)
+    # every one of the 2^24 colours at every shift: the slow test below
     levels = np.arange(0, 256, 5)
     grid = np.stack(np.meshgrid(levels, levels, levels, indexing='ij'), -1).reshape(-1, 3).astype(np.uint8)
     img = Image.fromarray(grid.reshape(len(levels) ** 2, len(levels), 3))
@@ -83,6 +83,27 @@ def test_adjust_hue_equals_torchvision_for_every_shift_on_a_colour_grid():
         factor = k / 255 + (1e-9 if k >= 0 else -1e-9)
         assert int(np.int32(factor * 255)) == k
         assert np.array_equal(np.asarray(views.adjust_hue(img, factor)), np.asarray(TF.adjust_hue(img, factor))), k
+
+
+def test_luma_equals_pil_convert_l_for_every_colour():
+    for chunk in range(4):  # 2^22 colours at a time
+        c = np.arange(chunk << 22, (chunk + 1) << 22, dtype=np.uint32)
+        rgb = np.stack([(c >> 16) & 255, (c >> 8) & 255, c & 255]).astype(np.uint8)
+        want = np.asarray(Image.fromarray(np.ascontiguousarray(rgb.T).reshape(2048, 2048, 3)).convert('L'))
+        assert np.array_equal(views._luma(rgb.astype(np.float32)), want.ravel())
+
+
+def test_blend_equals_pil_blend_for_every_base_and_value():
+    values = np.tile(np.arange(256, dtype=np.uint8), (256, 1))  # row: base m, column: value v
+    img, base = Image.fromarray(np.stack([values] * 3, -1)), Image.fromarray(np.stack([values.T] * 3, -1))
+    planes, bases = np.stack([values.ravel()] * 3), values.T.ravel().copy()
+    factors = [0.6, 1.0, 1.4, 0.99999994, 1.0000001, 0.0, 2.0, *np.random.default_rng(0).uniform(0.6, 1.4, 60)]
+    for f in factors:  # interpolation (0-1) and extrapolation (clipped) branches
+        want = np.asarray(Image.blend(base, img, float(f)))[..., 0].ravel()
+        got = views._blend(planes.astype(np.float32), bases.astype(np.float32), float(f))
+        assert np.array_equal(got[0], want), f
+        black = np.asarray(Image.blend(Image.new('RGB', img.size, 0), img, float(f)))[..., 0].ravel()
+        assert np.array_equal(views._blend(planes.astype(np.float32), np.float32(0), float(f))[0], black), f
 
 
 def test_jitter_ops_one_by_one_equal_torchvision():
@@ -93,6 +114,35 @@ def test_jitter_ops_one_by_one_equal_torchvision():
         factors[op] = factor
         got = views.jitter(img, (op,), *factors)
         assert np.array_equal(np.asarray(got), np.asarray(ops[op](img, factor))), (op, factor)
+
+
+def test_hue_middle_value_in_float32_equals_pils_double_rounding_for_every_h_s_v():
+    factor32 = views._hue_tables()['mid_factor']  # [h << 8 | s], float32
+    h6 = np.arange(256, dtype=np.float64) * 6.0 / 255.0
+    f = (h6 - np.floor(h6)).astype(np.float32)
+    fs = (np.arange(256, dtype=np.float64) / 255.0).astype(np.float32)
+    h, s = np.divmod(np.arange(65536), 256)
+    odd = np.floor(h6)[h] % 2 == 1
+    factor64 = 1.0 - np.where(odd, (fs[s] * f[h]).astype(np.float64), fs[s].astype(np.float64) * (1.0 - f[h]))
+    v = np.arange(256, dtype=np.float64)
+    for block in range(0, 65536, 4096):
+        y = factor64[block:block + 4096, None] * v  # C: round((float)v * (1.0 - ...)), halves away from zero
+        want = np.floor(y) + ((y - np.floor(y)) >= 0.5)
+        got = (factor32[block:block + 4096, None] * v.astype(np.float32) + np.float32(0.5)).astype(np.uint8)
+        assert np.array_equal(got, want)
+
+
+@pytest.mark.slow
+def test_adjust_hue_equals_torchvision_for_every_colour():
+    # every colour at the extreme, the smallest and no shift (all 51 shifts x 2^24 colours: 0 pixels differ, 70 s)
+    colours = np.arange(1 << 24, dtype=np.uint32)
+    for chunk in range(16):
+        c = colours[chunk << 20:(chunk + 1) << 20]
+        img = Image.fromarray(np.stack([(c >> 16) & 255, (c >> 8) & 255, c & 255], -1).astype(np.uint8)
+                              .reshape(1024, 1024, 3))
+        for k in (-25, -1, 0, 1, 25):
+            factor = k / 255 + (1e-9 if k >= 0 else -1e-9)
+            assert np.array_equal(np.asarray(views.adjust_hue(img, factor)), np.asarray(TF.adjust_hue(img, factor)))
 
 
 def test_grayscale_then_blur_on_one_band_equals_torchvision():
