@@ -4,7 +4,8 @@
 bad-image count, the kept patch tokens of masked views): workers make it, ``Batch.collate`` stacks it,
 ``finish_views`` completes it on the device and the models' ``forward`` takes it.
 
-``build_transforms(size, image_format)`` gives the CLIP view, the SimCLR augmentation and the evaluation transform:
+``build_transforms(size, image_format)`` gives the CLIP view, the SimCLR augmentation (views.py: torchvision's
+draws and PIL's pixels, bitwise, at less CPU cost) and the evaluation transform:
   * 'float': ImageNet-normalised float tensors made in the worker (the original);
   * 'uint8': the same PIL pipeline handing over uint8 [H, W, 3] tensors; ``finish_views`` then divides by 255 and
     normalises on the device, bitwise what ToTensor + Normalize give in the worker, with a quarter of the bytes

@@ -65,6 +65,8 @@ def get_args_parser():
     p.add_argument('--num-samples', default=200, type=int)
     p.add_argument('--make-fixture', action='store_true', help='write YFCC-layout zips of 500x375 JPEGs if absent')
     p.add_argument('--fixture-archive-size', default=1000, type=int, help='photos per zip (YFCC: 1000)')
+    p.add_argument('--fixture-size', default='500x375', help='WxH of the photos --make-fixture writes (larger ones, '
+                   'as in CC12M or RedCaps, are decoded at a reduced DCT scale where the crops allow)')
     p.add_argument('--profile', default=0, type=int, metavar='N',
                    help='data mode: also a cProfile of the fast path over the samples (top N by own time)')
     p.add_argument('--stages', action='store_true', help='data mode: also the fast path\'s time per stage')

@@ -24,8 +24,9 @@ import views
 from bench_train import _sync
 
 
-def make_yfcc_fixture(root, metadata, n, seed=0, per_zip=1000):
-    """YFCC layout (images/<2>/<3>.zip holding <3>.jpg) with n photos of 500x375, per_zip members per archive."""
+def make_yfcc_fixture(root, metadata, n, seed=0, per_zip=1000, size=(500, 375)):
+    """YFCC layout (images/<2>/<3>.zip holding <3>.jpg) with n photos of ``size`` (YFCC15M's 500x375 by default),
+    per_zip members per archive."""
     import zipfile
     from PIL import Image
     rng = np.random.default_rng(seed)
@@ -36,7 +37,7 @@ def make_yfcc_fixture(root, metadata, n, seed=0, per_zip=1000):
             for j in range(per_zip):  # full archives, so reopening costs what it costs on real data
                 photo_id = start + j
                 base = rng.integers(0, 255, (47, 63, 3), dtype=np.uint8)
-                img = Image.fromarray(base).resize((500, 375), Image.BICUBIC)  # smooth, JPEG-like content
+                img = Image.fromarray(base).resize(tuple(size), Image.BICUBIC)  # smooth, JPEG-like content
                 buf = io.BytesIO()
                 img.save(buf, format='JPEG', quality=90)
                 zf.writestr(f'{j:03d}.jpg', buf.getvalue())
@@ -100,7 +101,8 @@ def bench_data(args):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a DataLoader worker: tiny tensor ops must not wait on a thread pool
     if args.make_fixture and not os.path.exists(args.metadata):
-        make_yfcc_fixture(args.root, args.metadata, args.num_samples, args.seed, args.fixture_archive_size)
+        make_yfcc_fixture(args.root, args.metadata, args.num_samples, args.seed, args.fixture_archive_size,
+                          tuple(int(v) for v in args.fixture_size.split('x')))
     args.demo_samples, args.train_num_samples = args.num_samples, args.num_samples
     configs = _data_configs(args)
     device = utils.resolve_device(args.device) if args.device_augment else None
@@ -182,10 +184,10 @@ def stage_times(ds, n):
         img = timed('open', samples.open_image, io.BytesIO(data), archive)
         caption = samples.pick_caption((record[1], record[2]), rng)
         with samples.seeded_rngs(int(rng.integers(2 ** 63))):
-            params = timed('draws', lambda size: [t.draw(*size) for _, t in maker.views], img.size)
-        crops = [c for (_, t), p in zip(maker.views, params) for c in t.crops(p)]
+            params = timed('draws', lambda size: [t.draw(*size) for _, t in maker.view_transforms], img.size)
+        crops = [c for (_, t), p in zip(maker.view_transforms, params) for c in t.crops(p)]
         img, reduced = timed('decode', samples.decode, img, views.draft_scale(crops))
-        for (field, t), p in zip(maker.views, params):
+        for (field, t), p in zip(maker.view_transforms, params):
             if field == 'image':
                 view = timed('clip_crop_resize', views.resized_crop, img, p, t.size, reduced)
                 timed('to_uint8', t.finish, view)

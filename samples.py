@@ -1,9 +1,11 @@
 """One pre-training sample from one image: reading images (a bad one becomes BadImage, skipped and counted by the
 datasets), the YFCC zip archives, the seeded random streams and the caption choice, and ``PairMaker``, which turns
-a decoded image and its captions into the family's views (decode once, view many).
+an image and its captions into the family's views (decode once, view many: the views' parameters are drawn first,
+then the image is decoded, a large JPEG at the DCT scale all their crops allow, and the views rendered from it).
 
 Used by the map-style datasets (datasets.py) and the WebDataset stream (wds_data.py). References: SLIP
-``datasets.py`` (github.com/facebookresearch/SLIP) for the YFCC layout; the views themselves are in augment.py.
+``datasets.py`` (github.com/facebookresearch/SLIP) for the YFCC layout; the views themselves are in views.py
+(built by augment.build_transforms).
 """
 import io
 import os
@@ -146,9 +148,9 @@ class PairMaker:
         self.ssl_keep = ssl_keep if family != 'clip' else None
         self.clip_keep = clip_keep if family != 'simclr' else None
         # (Batch field, transform) in the order their parameters are drawn
-        self.views = ([('image', self.clip_transform)] if family != 'simclr' else []) + \
+        self.view_transforms = ([('image', self.clip_transform)] if family != 'simclr' else []) + \
             ([('aug1', self.ssl_augment), ('aug2', self.ssl_augment)] if family != 'clip' else [])
-        self.staged = all(hasattr(t, 'draw') and hasattr(t, 'render') for _, t in self.views)
+        self.staged = all(hasattr(t, 'draw') and hasattr(t, 'render') for _, t in self.view_transforms)
         # Process-local: a DataLoader worker sees set_epoch calls made before it started (or made inside it, as
         # main.py's EpochIndexed does by passing the epoch with each index), not later calls in the main process.
         self.epoch = 0
@@ -168,13 +170,12 @@ class PairMaker:
         crops allow; other transforms (--device-augment's CropFlipParams, a caller's own) see the decoded image."""
         caption = pick_caption(captions, rng) if self.family != 'simclr' else ''
         sample = Batch(n_bad=torch.tensor(n_bad, dtype=torch.int64))
-        fields = [f for f, t in self.views]
         with seeded_rngs(int(rng.integers(2 ** 63))):
             if self.staged:
-                params = [t.draw(*image.size) for _, t in self.views]
+                params = [t.draw(*image.size) for _, t in self.view_transforms]
             else:
                 image = decode(image)[0]
-                made = {f: t(image) for f, t in self.views}
+                made = {f: t(image) for f, t in self.view_transforms}
             # the kept tokens are drawn after every draw above, so runs without masking see the same views
             if self.ssl_keep is not None:
                 sample.aug1_keep = augment.draw_keep(*self.ssl_keep)
@@ -182,13 +183,13 @@ class PairMaker:
             if self.clip_keep is not None:
                 sample.image_keep = augment.draw_keep(*self.clip_keep)
         if self.staged:
-            crops = [c for (_, t), p in zip(self.views, params) for c in t.crops(p)]
+            crops = [c for (_, t), p in zip(self.view_transforms, params) for c in t.crops(p)]
             image, reduced = decode(image, views.draft_scale(crops))
-            made = {f: t.render(image, p, reduced) for (f, t), p in zip(self.views, params)}
+            made = {f: t.render(image, p, reduced) for (f, t), p in zip(self.view_transforms, params)}
         if 'aug1' in made and isinstance(made['aug1'], tuple):  # device_augment: (uint8 view, its parameters) each
             sample.aug_params = torch.stack([made['aug1'][1], made['aug2'][1]])
             made['aug1'], made['aug2'] = made['aug1'][0], made['aug2'][0]
-        for f in fields:
+        for f, _ in self.view_transforms:
             setattr(sample, f, made[f])
         if self.family != 'simclr':
             sample.text = self.tokenizer(caption)

@@ -54,8 +54,9 @@ def test_data_compare_on_generated_yfcc_archives(tmp_path, capsys):
 
 
 def test_original_yfcc_samples_are_the_originals_tuples(tmp_path):
-    bench.make_yfcc_fixture(str(tmp_path), str(tmp_path / 'm.pkl'), 4, per_zip=4)
+    bench.make_yfcc_fixture(str(tmp_path), str(tmp_path / 'm.pkl'), 4, per_zip=4, size=(120, 90))
     ds = bench_original.OriginalYFCC(str(tmp_path), str(tmp_path / 'm.pkl'), 'slip', 64)
+    assert ds.load(3).size == (120, 90) and ds.load(3).mode == 'RGB'
     image, text, aug1, aug2 = ds[2]
     assert image.shape == aug1.shape == aug2.shape == (3, 64, 64) and image.dtype == torch.float32
     assert image.mean().abs() < 3 and not torch.equal(aug1, aug2)  # ImageNet-normalised, two different views

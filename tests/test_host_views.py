@@ -248,3 +248,28 @@ def test_truncated_jpeg_fails_in_make_as_a_bad_image(tokenizer):
         maker.make(img, ['c'], maker.rng(0), 0)
     with pytest.raises(samples.BadImage, match='junk.jpg'):
         samples.open_image(io.BytesIO(b'\xff\xd8 not a jpeg'), 'junk.jpg')
+
+
+def test_yfcc_member_that_fails_to_decode_is_replaced_and_counted(tmp_path, tokenizer, monkeypatch):
+    import argparse
+    import pickle
+    import zipfile
+
+    import datasets
+    good = _jpeg(_photo((80, 60)))
+    (tmp_path / 'images' / '00').mkdir(parents=True)
+    with zipfile.ZipFile(tmp_path / 'images' / '00' / '000.zip', 'w') as zf:
+        zf.writestr('000.jpg', good)
+        zf.writestr('001.jpg', good[:len(good) // 2])  # opens (its header is whole), fails to decode
+        zf.writestr('002.jpg', b'not a jpeg')
+    with open(tmp_path / 'm.pkl', 'wb') as f:
+        pickle.dump([(i, f'title {i}', f'description {i}') for i in range(3)], f)
+    warned = []
+    monkeypatch.setattr(datasets, 'warn_bad', warned.append)
+    args = argparse.Namespace(dataset='yfcc15m', root=str(tmp_path), metadata=str(tmp_path / 'm.pkl'),
+                              model='SLIP_TINY', seed=0, image_format='uint8')
+    ds = datasets.get_train_dataset(args, tokenizer)
+    n_bad = [int(ds[i].n_bad) for i in range(3)]
+    assert n_bad[0] == 0 and n_bad[1] >= 1 and n_bad[2] >= 1 and len(warned) == sum(n_bad)
+    assert any('000.zip:001.jpg' in w for w in warned) and any('000.zip:002.jpg' in w for w in warned)
+    assert n_bad == [int(ds[i].n_bad) for i in range(3)]  # replaced the same way every time
