@@ -104,6 +104,8 @@ def bench_data(args):
         make_yfcc_fixture(args.root, args.metadata, args.num_samples, args.seed, args.fixture_archive_size,
                           tuple(int(v) for v in args.fixture_size.split('x')))
     args.demo_samples, args.train_num_samples = args.num_samples, args.num_samples
+    if args.stages and args.dataset != 'yfcc15m':
+        raise ValueError('--stages times the yfcc15m zip reader (--dataset yfcc15m)')
     configs = _data_configs(args)
     device = utils.resolve_device(args.device) if args.device_augment else None
     n = min(args.num_samples, min(len(c[1]) for c in configs))

@@ -303,8 +303,8 @@ def gray_blur(img: Image.Image, gray: bool, sigma: Optional[float]) -> Image.Ima
 
 
 def to_uint8(img: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> uint8 [H, W, 3] (augment.ToUint8's layout)."""
-    return torch.from_numpy(np.array(img, dtype=np.uint8))
+    """PIL image -> uint8 [H, W, 3] (augment.ToUint8's layout)."""
+    return torch.from_numpy(np.array(img if img.mode == 'RGB' else img.convert('RGB'), dtype=np.uint8))
 
 
 class ClipView:
@@ -343,7 +343,7 @@ class SimCLRView:
         return ((params.crop, self.size),)
 
     def render(self, img: Image.Image, p: SimCLRDraw, reduced: int = 1) -> torch.Tensor:
-        img = resized_crop(img, p.crop, self.size, reduced)
+        img = resized_crop(img if img.mode == 'RGB' else img.convert('RGB'), p.crop, self.size, reduced)
         if p.jitter is not None:
             img = jitter(img, *p.jitter)
         img = gray_blur(img, p.gray, p.sigma)

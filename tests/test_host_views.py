@@ -57,6 +57,13 @@ def test_views_equal_torchvision_transforms_bitwise_and_draw_the_same_numbers(fm
             assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and got[2] == want[2], seed
 
 
+def test_views_of_a_grayscale_or_rgba_image_are_rgb():
+    clip, ssl, _ = augment.build_transforms(32, 'uint8')
+    for mode in ('L', 'RGBA', 'P'):
+        img = _photo((40, 30)).convert(mode)
+        assert clip(img).shape == ssl(img).shape == (32, 32, 3)
+
+
 def test_simclr_draws_cover_every_branch_with_torchvision_probabilities():
     view = views.SimCLRView(64, views.to_uint8)
     torch.manual_seed(0)
