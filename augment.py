@@ -4,7 +4,8 @@
 bad-image count, the kept patch tokens of masked views): workers make it, ``Batch.collate`` stacks it,
 ``finish_views`` completes it on the device and the models' ``forward`` takes it.
 
-``build_transforms(size, image_format)`` gives the CLIP view, the SimCLR augmentation and the evaluation transform:
+``build_transforms(size, image_format)`` gives the CLIP view, the SimCLR augmentation (views.py: torchvision's
+draws and PIL's pixels, bitwise, at less CPU cost) and the evaluation transform:
   * 'float': ImageNet-normalised float tensors made in the worker (the original);
   * 'uint8': the same PIL pipeline handing over uint8 [H, W, 3] tensors; ``finish_views`` then divides by 255 and
     normalises on the device, bitwise what ToTensor + Normalize give in the worker, with a quarter of the bytes
@@ -25,6 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFilter
+
+import views
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -154,18 +157,13 @@ def build_transforms(image_size: int, image_format: str = 'float',
 
     if image_format not in IMAGE_FORMATS:
         raise ValueError(f'image_format {image_format!r}: expected one of {IMAGE_FORMATS}')
-    finish = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)] if image_format == 'float' else [ToUint8()]
-    clip = T.Compose([T.RandomResizedCrop(image_size, scale=(0.5, 1.0)), *finish])
+    # views.py: torchvision's RandomResizedCrop / ColorJitter / RandomGrayscale / blur / flip draws and PIL pixels,
+    # drawn before the image is decoded (so a large JPEG decodes once at a reduced scale) and cheaper to render
+    finish = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]) if image_format == 'float' else \
+        views.to_uint8
+    clip = views.ClipView(image_size, finish, scale=(0.5, 1.0))
     ssl_size = ssl_size or image_size
-    ssl = T.Compose([
-        T.RandomResizedCrop(ssl_size, scale=(0.08, 1.0)),  # crop first: the colour ops then touch few pixels
-        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-        T.RandomGrayscale(p=0.2),
-        T.RandomApply([GaussianBlur((0.1, 2.0))], p=0.5),
-        T.RandomHorizontalFlip(),
-        *finish])
-    if image_format == 'device_augment':
-        ssl = CropFlipParams(ssl_size)
+    ssl = CropFlipParams(ssl_size) if image_format == 'device_augment' else views.SimCLRView(ssl_size, finish)
     val = T.Compose([T.Resize(image_size), T.CenterCrop(image_size), T.ToTensor(),
                      T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     return clip, ssl, val

@@ -7,13 +7,15 @@ Training step (main.py's engine: forward, loss, backward, AdamW) on synthetic in
     python bench.py train --model SLIP_VITS16 --batch-size 8 --precision amp_bf16 --device cpu --steps 5 --compare
 Exact accumulation (4 micro-batches of 8) against one batch of 32, time per sample and peak memory of each:
     python bench.py train --model SLIP_VITS16 --batch-size 8 --update-freq 4 --compare-accum --precision fp32
-Input pipeline (read, decode, all views, tokenize) in one process, on YFCC-layout zips made here if missing:
+Input pipeline (read, decode, all views, tokenize) in one process, on YFCC-layout zips made here if missing, with
+host CPU seconds per sample, the fast path's time per stage and its cProfile (top 15):
     python bench.py data --dataset yfcc15m --root /tmp/yfcc_bench --metadata /tmp/yfcc_bench/yfcc.pkl \
-        --model SLIP_VITS16 --workers 0 --num-samples 300 --make-fixture --compare
+        --model SLIP_VITS16 --workers 0 --num-samples 300 --make-fixture --compare --stages --profile 15
 
 `--baseline` turns the model's fast paths off (separate view passes, full 77-token text, a full last ViT block,
-unfused attention; in `data`, a zip archive reopened per sample and float views made in the worker); `--compare` runs
-both in one process, interleaved, and prints the ratio. `data --device-augment` adds main.py's --device-augment.
+unfused attention); in `data` it runs the original SLIP's dataset code (bench_original.py: a zip archive reopened per
+sample, torchvision's transforms, float views made in the worker, OpenAI's tokenizer, tuples). `--compare` runs both
+in one process, interleaved, and prints the ratio. `data --device-augment` adds main.py's --device-augment.
 Cheaper SimCLR views (main.py's --ssl-view-size / --ssl-mask-ratio / --clip-mask-ratio), several in one process,
 interleaved, against CLIP at the same size (step time and FLOPs as ratios to it):
     python bench.py train --model SLIP_VITS16 --batch-size 8 --precision fp32 --device cpu --steps 3 --warmup 1 \
@@ -63,6 +65,11 @@ def get_args_parser():
     p.add_argument('--num-samples', default=200, type=int)
     p.add_argument('--make-fixture', action='store_true', help='write YFCC-layout zips of 500x375 JPEGs if absent')
     p.add_argument('--fixture-archive-size', default=1000, type=int, help='photos per zip (YFCC: 1000)')
+    p.add_argument('--fixture-size', default='500x375', help='WxH of the photos --make-fixture writes (larger ones, '
+                   'as in CC12M or RedCaps, are decoded at a reduced DCT scale where the crops allow)')
+    p.add_argument('--profile', default=0, type=int, metavar='N',
+                   help='data mode: also a cProfile of the fast path over the samples (top N by own time)')
+    p.add_argument('--stages', action='store_true', help='data mode: also the fast path\'s time per stage')
     p.add_argument('--device-augment', action='store_true',
                    help='data mode: also measure main.py --device-augment (SimCLR colour/blur on --device)')
     p.add_argument('--metadata-memory', action='store_true',
@@ -87,14 +94,24 @@ def get_args_parser():
 
 
 def print_rows(rows):
-    keys = [k for k in rows[0] if k not in ('mode', 'worker_trace')]
+    extra = ('mode', 'worker_trace', 'profile', 'stages_ms')  # printed apart
+    keys = [k for k in rows[0] if k not in extra]
     print(' | '.join(keys))
     for r in rows:
         print(' | '.join(f'{r[k]:.4g}' if isinstance(r[k], float) else str(r[k]) for k in keys))
     if len(rows) >= 2 and 'samples_per_s' in rows[0]:
         for r in rows[1:]:
+            cpu = (f', host CPU per sample {rows[0]["host_cpu_s_per_sample"] / r["host_cpu_s_per_sample"]:.2f}x less'
+                   if 'host_cpu_s_per_sample' in r else '')
             print(f'speed-up of {r["config"]} over {rows[0]["config"]}: '
-                  f'{r["samples_per_s"] / rows[0]["samples_per_s"]:.2f}x')
+                  f'{r["samples_per_s"] / rows[0]["samples_per_s"]:.2f}x{cpu}')
+    for r in rows:
+        if r.get('stages_ms'):
+            print(f'{r["config"]}: ms per sample by stage (total {sum(r["stages_ms"].values()):.2f}):')
+            print('\n'.join(f'  {k:18s} {v:7.3f}' for k, v in r['stages_ms'].items()))
+        if r.get('profile'):
+            print(f'{r["config"]}: cProfile of {r["num_samples"]} samples, by own time:')
+            print('\n'.join(r['profile']))
     for r in rows:
         print(json.dumps(r))
 

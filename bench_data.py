@@ -9,6 +9,7 @@ import io
 import json
 import os
 import pickle
+import resource
 import statistics
 import time
 
@@ -16,13 +17,16 @@ import numpy as np
 import torch
 
 import augment
+import bench_original
 import samples
 import utils
+import views
 from bench_train import _sync
 
 
-def make_yfcc_fixture(root, metadata, n, seed=0, per_zip=1000):
-    """YFCC layout (images/<2>/<3>.zip holding <3>.jpg) with n photos of 500x375, per_zip members per archive."""
+def make_yfcc_fixture(root, metadata, n, seed=0, per_zip=1000, size=(500, 375)):
+    """YFCC layout (images/<2>/<3>.zip holding <3>.jpg) with n photos of ``size`` (YFCC15M's 500x375 by default),
+    per_zip members per archive."""
     import zipfile
     from PIL import Image
     rng = np.random.default_rng(seed)
@@ -33,7 +37,7 @@ def make_yfcc_fixture(root, metadata, n, seed=0, per_zip=1000):
             for j in range(per_zip):  # full archives, so reopening costs what it costs on real data
                 photo_id = start + j
                 base = rng.integers(0, 255, (47, 63, 3), dtype=np.uint8)
-                img = Image.fromarray(base).resize((500, 375), Image.BICUBIC)  # smooth, JPEG-like content
+                img = Image.fromarray(base).resize(tuple(size), Image.BICUBIC)  # smooth, JPEG-like content
                 buf = io.BytesIO()
                 img.save(buf, format='JPEG', quality=90)
                 zf.writestr(f'{j:03d}.jpg', buf.getvalue())
@@ -42,56 +46,169 @@ def make_yfcc_fixture(root, metadata, n, seed=0, per_zip=1000):
         pickle.dump(records[:n] if n >= per_zip else records, f)
 
 
-def bench_data(args):
-    """The input pipeline alone: read, decode, every view, tokenize, collate. Configurations (interleaved):
-    baseline (zip reopened per sample, float views made in the worker), fast (what main.py runs: zips kept open,
-    uint8 views) and, with --device-augment, fast+device_augment, whose batched colour/blur cost on --device is
-    timed apart (``device_ms_per_sample``)."""
+def _cpu_seconds():
+    """CPU time of this process (all its threads) and of its waited-for children (DataLoader workers, once joined)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def _data_configs(args):
+    """(name, dataset, image format): the original SLIP's dataset code (bench_original.py), the default host path
+    (what main.py runs: zips kept open, views.py's views handed over as uint8) and, with --device-augment, main.py
+    --device-augment."""
     import datasets
+    import models
+    configs = []
+    if args.compare or args.baseline:
+        if args.dataset != 'yfcc15m':
+            raise ValueError('the original\'s configuration reads the yfcc15m zip layout (--dataset yfcc15m)')
+        spec = models.get_spec(args.model)
+        configs.append(('original', bench_original.OriginalYFCC(args.root, args.metadata, spec.family,
+                                                                spec.image_size), 'float'))
+    formats = ([] if args.baseline else ['uint8']) + (['device_augment'] if args.device_augment else [])
+    for fmt in formats:
+        args.image_format = fmt
+        ds = datasets.get_train_dataset(args, utils.Tokenizer())
+        ds.set_epoch(0)
+        configs.append(('fast' if fmt == 'uint8' else 'fast+device_augment', ds, fmt))
+    return configs
+
+
+def _timed_batches(loaders, workers):
+    """Yields (config index, batch, wall seconds, CPU seconds) for every batch of every loader. With workers=0, batch
+    by batch in turn (load changes on a shared machine hit every configuration alike), each batch's own time; with
+    workers, one loader after the other, its whole time (the last batch's includes the workers' exit, after which
+    their CPU time is counted)."""
+    iterators, live = [None] * len(loaders), list(range(len(loaders)))
+    while live:
+        for k in list(live) if not workers else live[:1]:
+            t, c = time.perf_counter(), _cpu_seconds()
+            if iterators[k] is None:
+                iterators[k] = iter(loaders[k])  # workers start here, on their configuration's clock
+            batch = next(iterators[k], None)
+            wall, cpu = time.perf_counter() - t, _cpu_seconds() - c
+            if batch is None:
+                live.remove(k)
+            yield k, batch, wall, cpu
+
+
+def bench_data(args):
+    """The input pipeline alone: read, decode, every view, tokenize, collate, per configuration (_data_configs), in
+    3 repetitions, interleaved batch by batch with --workers 0; samples/s from the median wall time and host CPU
+    seconds per sample (the process's and its workers'). With --device-augment the batched colour/blur on --device
+    is timed apart (``device_ms_per_sample``). ``--profile N`` adds a cProfile of the fast path's samples (top N by
+    own time), ``--stages`` the fast path's time per stage (``stage_times``)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a DataLoader worker: tiny tensor ops must not wait on a thread pool
     if args.make_fixture and not os.path.exists(args.metadata):
-        make_yfcc_fixture(args.root, args.metadata, args.num_samples, args.seed, args.fixture_archive_size)
+        make_yfcc_fixture(args.root, args.metadata, args.num_samples, args.seed, args.fixture_archive_size,
+                          tuple(int(v) for v in args.fixture_size.split('x')))
     args.demo_samples, args.train_num_samples = args.num_samples, args.num_samples
-    configs = [('baseline', False, 'float'), ('fast', True, 'uint8')] if args.compare else \
-        [('baseline', False, 'float') if args.baseline else ('fast', True, 'uint8')]
-    if args.device_augment:
-        configs.append(('fast+device_augment', True, 'device_augment'))
-    sets = {}
-    for name, _, fmt in configs:
-        args.image_format = fmt
-        sets[name] = datasets.get_train_dataset(args, utils.Tokenizer())
-        sets[name].set_epoch(0)
+    if args.stages and args.dataset != 'yfcc15m':
+        raise ValueError('--stages times the yfcc15m zip reader (--dataset yfcc15m)')
+    configs = _data_configs(args)
     device = utils.resolve_device(args.device) if args.device_augment else None
-    n = min(args.num_samples, len(sets[configs[0][0]]))
-    times = {c[0]: [] for c in configs}
-    finish = {c[0]: [] for c in configs}
-    for rep in range(3):  # interleave repetitions of each configuration
-        for name, keep_open, fmt in configs:
-            samples.ZIP_KEEP_OPEN = keep_open
-            samples._zip_caches.clear()
-            loader = torch.utils.data.DataLoader(sets[name], batch_size=16, num_workers=args.workers,
-                                                 collate_fn=augment.Batch.collate,
-                                                 sampler=[(rep * 7 + i) % len(sets[name]) for i in range(n)])
-            t, batches = time.perf_counter(), []
-            for batch in loader:
-                if fmt == 'device_augment':
-                    batches.append(batch)
-            times[name].append(time.perf_counter() - t)
-            if batches:  # the device's share, timed apart from the workers'
-                torch.set_num_threads(threads)
-                t = time.perf_counter()
-                for batch in batches:
-                    augment.finish_views(batch.to(device))
-                _sync(device)
-                finish[name].append(time.perf_counter() - t)
-                torch.set_num_threads(1)
-    samples.ZIP_KEEP_OPEN = True
-    torch.set_num_threads(threads)
-    return [{'mode': 'data', 'dataset': args.dataset, 'model': args.model, 'config': name, 'workers': args.workers,
+    n = min(args.num_samples, min(len(c[1]) for c in configs))
+    times, cpu, finish = ({c[0]: [] for c in configs} for _ in range(3))
+    for rep in range(3):
+        samples._zip_caches.clear()
+        loaders = [torch.utils.data.DataLoader(
+            ds, batch_size=16, num_workers=args.workers, sampler=[(rep * 7 + i) % len(ds) for i in range(n)],
+            collate_fn=augment.Batch.collate if name != 'original' else None)  # the original: tuples, default
+            for name, ds, _ in configs]
+        spent, batches = [[0.0, 0.0] for _ in configs], []
+        for k, batch, wall, cpu_s in _timed_batches(loaders, args.workers):
+            spent[k][0] += wall
+            spent[k][1] += cpu_s
+            if batch is not None and configs[k][2] == 'device_augment':
+                batches.append(batch)
+        for (name, _, _), (wall, cpu_s) in zip(configs, spent):
+            times[name].append(wall)
+            cpu[name].append(cpu_s)
+        if batches:  # the device's share, timed apart from the workers'
+            torch.set_num_threads(threads)
+            t = time.perf_counter()
+            for batch in batches:
+                augment.finish_views(batch.to(device))
+            _sync(device)
+            finish['fast+device_augment'].append(time.perf_counter() - t)
+            torch.set_num_threads(1)
+    rows = [{'mode': 'data', 'dataset': args.dataset, 'model': args.model, 'config': name, 'workers': args.workers,
              'num_samples': n, 'samples_per_s': n / statistics.median(times[name]),
+             'host_cpu_s_per_sample': statistics.median(cpu[name]) / n,
              'device_ms_per_sample': statistics.median(finish[name]) / n * 1e3 if finish[name] else None}
             for name, _, _ in configs]
+    for row, (name, ds, _) in zip(rows, configs):
+        if name == 'fast' and args.profile:
+            row['profile'] = profile_samples(ds, n, args.profile)
+        if name == 'fast' and args.stages:
+            row['stages_ms'] = stage_times(ds, n)
+    torch.set_num_threads(threads)
+    return rows
+
+
+def profile_samples(ds, n, top):
+    """cProfile of ``ds[i]`` for i < n in this process: the ``top`` entries by own time, as printed lines."""
+    import cProfile
+    import pstats
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for i in range(n):
+        ds[i]
+    profiler.disable()
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats('tottime').print_stats(top)
+    lines = out.getvalue().splitlines()
+    head = next(k for k, line in enumerate(lines) if line.strip().startswith('ncalls'))
+    return [line for line in lines[head:] if line.strip()]
+
+
+def stage_times(ds, n):
+    """Milliseconds per sample of each stage of the default host path on samples 0..n-1 of a yfcc15m dataset:
+    the same calls as samples.PairMaker.make and views.py's render, one timer each (draws, read, open, decode,
+    each view's crop+resize, each colour op, grayscale+blur, flip, to-uint8, tokenize)."""
+    from PIL import Image
+    maker, total = ds.maker, {}
+
+    def timed(stage, fn, *a):
+        t = time.perf_counter()
+        out = fn(*a)
+        total[stage] = total.get(stage, 0.0) + time.perf_counter() - t
+        return out
+
+    names = ('brightness', 'contrast', 'saturation', 'hue')
+    for i in range(n):
+        rng = maker.rng(i)
+        record = ds.source.records[i]
+        s = f'{int(record[0]):08d}'
+        archive = os.path.join(ds.source.root, 'images', s[:2], s[2:5] + '.zip')
+        data = timed('read', samples._zip_read, archive, s[5:] + '.jpg')
+        img = timed('open', samples.open_image, io.BytesIO(data), archive)
+        caption = samples.pick_caption((record[1], record[2]), rng)
+        with samples.seeded_rngs(int(rng.integers(2 ** 63))):
+            params = timed('draws', lambda size: [t.draw(*size) for _, t in maker.view_transforms], img.size)
+        crops = [c for (_, t), p in zip(maker.view_transforms, params) for c in t.crops(p)]
+        img, reduced = timed('decode', samples.decode, img, views.draft_scale(crops))
+        for (field, t), p in zip(maker.view_transforms, params):
+            if field == 'image':
+                view = timed('clip_crop_resize', views.resized_crop, img, p, t.size, reduced)
+                timed('to_uint8', t.finish, view)
+                continue
+            view = timed('ssl_crop_resize', views.resized_crop, img, p.crop, t.size, reduced)
+            if p.jitter is not None:
+                order, *factors = p.jitter  # views.jitter, one timer per step
+                x = timed('jitter_to_from_planes', views._float_planes, view)
+                for op in order:
+                    x = timed(names[op], views.JITTER_STEPS[op], x, factors[op])
+                view = timed('jitter_to_from_planes', views._float_image, x, view.size)
+            if p.gray or p.sigma is not None:
+                stage = 'grayscale+blur' if p.gray and p.sigma is not None else 'grayscale' if p.gray else 'blur'
+                view = timed(stage, views.gray_blur, view, p.gray, p.sigma)
+            if p.flip:
+                view = timed('flip', view.transpose, Image.FLIP_LEFT_RIGHT)
+            timed('to_uint8', t.finish, view)
+        timed('tokenize', maker.tokenizer, caption)
+    return {k: v / n * 1e3 for k, v in sorted(total.items(), key=lambda kv: -kv[1])}
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -34,8 +34,8 @@ from demo_data import (DEMO_CLASSNAMES, DEMO_COLORS, DEMO_RGB, DEMO_SHAPES, DEMO
                        DemoSource, DemoZeroShotDataset, demo_sample)
 from downstream import (CLEVR_COUNTS, SPECIAL, DatasetMissing, FileListDataset,  # noqa: F401 (re-exported)
                         get_downstream_dataset)
-from samples import (IMAGE_ERRORS, MAX_BAD_RETRIES, BadImage, PairMaker, load_image, pick_caption,  # noqa: F401
-                     pil_loader, seeded_rngs, warn_bad, yfcc_loader)
+from samples import (IMAGE_ERRORS, MAX_BAD_RETRIES, BadImage, PairMaker, decode, load_image, open_image,  # noqa: F401
+                     pick_caption, pil_loader, seeded_rngs, warn_bad, yfcc_loader)
 from wds_data import IMAGE_EXTS, WebDatasetPairs  # noqa: F401 (re-exported)
 
 PRETRAIN_DATASETS = ('yfcc15m', 'cc3m', 'cc12m', 'coco', 'redcaps', 'wds', 'demo')
@@ -49,7 +49,8 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
     """Image-caption pairs read through ``source(index) -> (PIL image, captions)``; bad images are replaced.
 
     Args:
-        source: callable raising BadImage for a bad image; ``len(source)`` samples.
+        source: callable ``index -> (PIL image, opened or decoded; captions)`` raising BadImage for a bad image;
+            ``len(source)`` samples.
         family: 'clip', 'simclr' or 'slip' (decides the views).
         transforms: (clip_transform, ssl_augment) from build_transforms.
         tokenizer: str -> LongTensor[77] (unused for simclr).
@@ -72,9 +73,9 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         rng = self.maker.rng(index)
         n_bad, i = 0, index
         while True:
-            try:
+            try:  # the pixels are decoded in make (at the scale the views allow): a bad image can fail in either
                 image, captions = self.source(i)
-                break
+                return self.maker.make(image, captions, rng, n_bad)
             except BadImage as e:
                 n_bad += 1
                 warn_bad(f'{self.name} sample {i}: {e}')
@@ -82,7 +83,6 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
                     raise RuntimeError(f'{self.name}: {n_bad} bad images in a row while building sample {index}; '
                                        f'is the image root right? last: {e}') from e
                 i = int(rng.integers(len(self)))  # the replacement, too, is fixed by (seed, epoch, index)
-        return self.maker.make(image, captions, rng, n_bad)
 
 
 class MetadataSource:
@@ -103,18 +103,19 @@ class MetadataSource:
         return len(self.records)
 
     def __call__(self, index: int) -> Tuple[Image.Image, Sequence[str]]:
-        """(image, candidate captions) of record ``index``; raises BadImage."""
+        """(image opened, not yet decoded (samples.open_image), candidate captions) of record ``index``; raises
+        BadImage."""
         r, root = self.records[index], self.root
         if self.dataset == 'yfcc15m':
             return yfcc_loader(root, r[0]), (r[1], r[2])
         if self.dataset == 'redcaps':
             path = os.path.join(root, r[0], f'{r[1]}.jpg')
-            return load_image(path, path), (r[2],)
+            return open_image(path, path), (r[2],)
         if self.dataset == 'coco':
             path = os.path.join(root, 'train2017', f'{r[0]:012d}.jpg')
         else:  # cc3m / cc12m: a path relative to root
             path = os.path.join(root, r[0])
-        return load_image(path, path), r[1]
+        return open_image(path, path), r[1]
 
 
 def _keep_spec(spec: Any, size: int, ratio: float) -> Optional[Tuple[int, int]]:

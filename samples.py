@@ -1,9 +1,11 @@
 """One pre-training sample from one image: reading images (a bad one becomes BadImage, skipped and counted by the
 datasets), the YFCC zip archives, the seeded random streams and the caption choice, and ``PairMaker``, which turns
-a decoded image and its captions into the family's views (decode once, view many).
+an image and its captions into the family's views (decode once, view many: the views' parameters are drawn first,
+then the image is decoded, a large JPEG at the DCT scale all their crops allow, and the views rendered from it).
 
 Used by the map-style datasets (datasets.py) and the WebDataset stream (wds_data.py). References: SLIP
-``datasets.py`` (github.com/facebookresearch/SLIP) for the YFCC layout; the views themselves are in augment.py.
+``datasets.py`` (github.com/facebookresearch/SLIP) for the YFCC layout; the views themselves are in views.py
+(built by augment.build_transforms).
 """
 import io
 import os
@@ -18,6 +20,7 @@ from PIL import Image, ImageFile
 
 import augment
 import utils
+import views
 from augment import Batch
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated image is a bad sample: skipped and counted, never half-read
@@ -38,13 +41,37 @@ IMAGE_ERRORS = (OSError, ValueError, KeyError, EOFError, SyntaxError, zipfile.Ba
 _bad_seen = [0]  # per process (each DataLoader worker has its own copy)
 
 
-def load_image(source: Any, name: str) -> Image.Image:
-    """Decode a path, file object or a zero-argument callable returning one, to RGB; errors become BadImage."""
+def open_image(source: Any, name: str) -> Image.Image:
+    """Open a path, file object or a zero-argument callable returning one: the header only (size, format); the
+    pixels are decoded by ``decode``, at a reduced scale if the views allow it. Errors become BadImage."""
     try:
-        with Image.open(source() if callable(source) else source) as img:
-            return img.convert('RGB')
+        img = Image.open(source() if callable(source) else source)
     except IMAGE_ERRORS as e:
         raise BadImage(f'{name}: {type(e).__name__}: {e}') from e
+    img.info['source_name'] = name
+    return img
+
+
+def decode(img: Image.Image, reduce: int = 1) -> Tuple[Image.Image, int]:
+    """The RGB pixels of an opened image, and the factor they are reduced by: a JPEG not yet decoded is decoded at
+    1/``reduce`` of its size (PIL's draft: libjpeg's DCT scaling; ``reduce`` 1, 2, 4 or 8). Errors become BadImage.
+    """
+    scale = 1
+    try:
+        if reduce > 1:
+            width = img.width
+            drafted = img.draft('RGB', (width // reduce, img.height // reduce))  # None unless a JPEG not yet read
+            if drafted is not None:  # (mode, (0, 0, width / scale, height / scale))
+                scale = round(width / drafted[1][2])
+        img.load()
+        return (img if img.mode == 'RGB' else img.convert('RGB')), scale
+    except IMAGE_ERRORS as e:
+        raise BadImage(f'{img.info.get("source_name", "image")}: {type(e).__name__}: {e}') from e
+
+
+def load_image(source: Any, name: str) -> Image.Image:
+    """Decode a path, file object or a zero-argument callable returning one, to RGB; errors become BadImage."""
+    return decode(open_image(source, name))[0]
 
 
 def warn_bad(message: str) -> None:
@@ -78,10 +105,10 @@ def _zip_read(archive: str, member: str) -> bytes:
 
 
 def yfcc_loader(root: str, photo_id: int) -> Image.Image:
-    """YFCC image 12345678 is member ``678.jpg`` of ``<root>/images/12/345.zip``."""
+    """YFCC image 12345678 is member ``678.jpg`` of ``<root>/images/12/345.zip`` (opened, see ``open_image``)."""
     s = f'{int(photo_id):08d}'
     archive, member = os.path.join(root, 'images', s[:2], s[2:5] + '.zip'), s[5:] + '.jpg'
-    return load_image(lambda: io.BytesIO(_zip_read(archive, member)), f'{archive}:{member}')
+    return open_image(lambda: io.BytesIO(_zip_read(archive, member)), f'{archive}:{member}')
 
 
 @contextmanager
@@ -120,6 +147,10 @@ class PairMaker:
         self.clip_transform, self.ssl_augment = transforms[0], transforms[1]
         self.ssl_keep = ssl_keep if family != 'clip' else None
         self.clip_keep = clip_keep if family != 'simclr' else None
+        # (Batch field, transform) in the order their parameters are drawn
+        self.view_transforms = ([('image', self.clip_transform)] if family != 'simclr' else []) + \
+            ([('aug1', self.ssl_augment), ('aug2', self.ssl_augment)] if family != 'clip' else [])
+        self.staged = all(hasattr(t, 'draw') and hasattr(t, 'render') for _, t in self.view_transforms)
         # Process-local: a DataLoader worker sees set_epoch calls made before it started (or made inside it, as
         # main.py's EpochIndexed does by passing the epoch with each index), not later calls in the main process.
         self.epoch = 0
@@ -131,21 +162,35 @@ class PairMaker:
         return np.random.default_rng([self.seed, self.epoch, *key])
 
     def make(self, image: Image.Image, captions: Sequence[str], rng: np.random.Generator, n_bad: int) -> Batch:
+        """The sample's views of ``image`` (decoded, or opened by ``open_image`` and decoded here: BadImage if it
+        cannot be), its caption's tokens and the kept patch tokens, every draw from ``rng``.
+
+        Views with ``draw``/``render`` (views.py: the default) are all drawn first, in the order the transforms
+        drew before (CLIP view, then each SimCLR view), so that a JPEG is decoded once at the DCT scale all their
+        crops allow; other transforms (--device-augment's CropFlipParams, a caller's own) see the decoded image."""
         caption = pick_caption(captions, rng) if self.family != 'simclr' else ''
         sample = Batch(n_bad=torch.tensor(n_bad, dtype=torch.int64))
         with seeded_rngs(int(rng.integers(2 ** 63))):
-            if self.family != 'simclr':
-                sample.image, sample.text = self.clip_transform(image), self.tokenizer(caption)
-            if self.family != 'clip':
-                a1, a2 = self.ssl_augment(image), self.ssl_augment(image)
-                if isinstance(a1, tuple):  # device_augment: (uint8 view, colour/blur parameters) each
-                    sample.aug1, sample.aug2, sample.aug_params = a1[0], a2[0], torch.stack([a1[1], a2[1]])
-                else:
-                    sample.aug1, sample.aug2 = a1, a2
+            if self.staged:
+                params = [t.draw(*image.size) for _, t in self.view_transforms]
+            else:
+                image = decode(image)[0]
+                made = {f: t(image) for f, t in self.view_transforms}
             # the kept tokens are drawn after every draw above, so runs without masking see the same views
             if self.ssl_keep is not None:
                 sample.aug1_keep = augment.draw_keep(*self.ssl_keep)
                 sample.aug2_keep = augment.draw_keep(*self.ssl_keep)
             if self.clip_keep is not None:
                 sample.image_keep = augment.draw_keep(*self.clip_keep)
+        if self.staged:
+            crops = [c for (_, t), p in zip(self.view_transforms, params) for c in t.crops(p)]
+            image, reduced = decode(image, views.draft_scale(crops))
+            made = {f: t.render(image, p, reduced) for (f, t), p in zip(self.view_transforms, params)}
+        if 'aug1' in made and isinstance(made['aug1'], tuple):  # device_augment: (uint8 view, its parameters) each
+            sample.aug_params = torch.stack([made['aug1'][1], made['aug2'][1]])
+            made['aug1'], made['aug2'] = made['aug1'][0], made['aug2'][0]
+        for f, _ in self.view_transforms:
+            setattr(sample, f, made[f])
+        if self.family != 'simclr':
+            sample.text = self.tokenizer(caption)
         return sample

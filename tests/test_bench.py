@@ -4,8 +4,10 @@ import json
 import os
 
 import pytest
+import torch
 
 import bench
+import bench_original
 
 
 def parse(*argv):
@@ -36,14 +38,39 @@ def test_train_compare_accum_runs_k_micro_batches_against_one_big_batch():
     assert all(r['peak_rss_gb'] > 0 and r['ms_per_sample'] > 0 for r in rows)
 
 
-def test_data_compare_on_generated_yfcc_archives(tmp_path):
+def test_data_compare_on_generated_yfcc_archives(tmp_path, capsys):
     rows = bench.main(parse('data', '--dataset', 'yfcc15m', '--root', tmp_path, '--metadata', tmp_path / 'm.pkl',
                             '--model', 'SLIP_TINY', '--num-samples', 8, '--make-fixture', '--fixture-archive-size', 16,
-                            '--compare', '--device-augment', '--device', 'cpu'))
-    assert [r['config'] for r in rows] == ['baseline', 'fast', 'fast+device_augment']
-    assert all(r['samples_per_s'] > 0 and r['num_samples'] == 8 for r in rows)
+                            '--compare', '--device-augment', '--device', 'cpu', '--stages', '--profile', 5))
+    assert [r['config'] for r in rows] == ['original', 'fast', 'fast+device_augment']
+    assert all(r['samples_per_s'] > 0 and r['num_samples'] == 8 and r['host_cpu_s_per_sample'] > 0 for r in rows)
     assert rows[0]['device_ms_per_sample'] is None and rows[2]['device_ms_per_sample'] > 0
     assert (tmp_path / 'images' / '00' / '000.zip').exists()
+    fast = rows[1]
+    assert {'read', 'decode', 'clip_crop_resize', 'ssl_crop_resize', 'to_uint8', 'tokenize'} <= set(fast['stages_ms'])
+    assert len(fast['profile']) == 6 and fast['profile'][0].split()[:2] == ['ncalls', 'tottime']
+    out = capsys.readouterr().out
+    assert 'speed-up of fast over original' in out and 'host CPU per sample' in out and 'by stage' in out
+
+
+def test_original_yfcc_samples_are_the_originals_tuples(tmp_path):
+    bench.make_yfcc_fixture(str(tmp_path), str(tmp_path / 'm.pkl'), 4, per_zip=4, size=(120, 90))
+    ds = bench_original.OriginalYFCC(str(tmp_path), str(tmp_path / 'm.pkl'), 'slip', 64)
+    assert ds.load(3).size == (120, 90) and ds.load(3).mode == 'RGB'
+    image, text, aug1, aug2 = ds[2]
+    assert image.shape == aug1.shape == aug2.shape == (3, 64, 64) and image.dtype == torch.float32
+    assert image.mean().abs() < 3 and not torch.equal(aug1, aug2)  # ImageNet-normalised, two different views
+    assert text.shape == (77,) and text[0] == 49406 and text.argmax() > 0
+    assert len(bench_original.OriginalYFCC(str(tmp_path), str(tmp_path / 'm.pkl'), 'clip', 64)[0]) == 2
+
+
+def test_original_tokenizer_is_clips_and_loses_the_end_token_of_long_captions():
+    tok = bench_original.OriginalTokenizer()
+    assert tok('a photo of a dog.')[:9].tolist() == [49406, 320, 1125, 539, 320, 1929, 269, 49407, 0]
+    assert tok('').tolist()[:3] == [49406, 49407, 0]
+    long = tok('dog ' * 100)
+    assert long.shape == (77,) and 49407 not in long.tolist()  # cut by slicing, as the original does
+    assert tok(['a', 'b']).shape == (2, 77)
 
 
 def test_head_mode_measures_each_accumulated_batch_and_fits_the_largest(capsys):
