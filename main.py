@@ -110,6 +110,11 @@ def get_args_parser():
     a('--device-augment', action='store_true',
       help='SimCLR colour jitter, grayscale and blur run batched on the device instead of in the workers with PIL '
            '(same distributions, other numerics; for input-bound runs)')
+    a('--decode-device', default='worker', choices=['worker', 'cpu', 'cuda'],
+      help='where JPEGs are decoded and the views cropped and resized: worker (PIL in the data loader workers, '
+           'default); cuda (the workers send the compressed bytes and drawn crops, the GPU decodes the batch with '
+           'nvJPEG and makes the views; implies --device-augment); cpu (the same batched code on the CPU in the main '
+           'process)')
     a('--world-size', default=1, type=int, help='number of processes (set by the launchers)')
     a('--rank', default=0, type=int)
     a('--local_rank', '--local-rank', default=0, type=int, dest='local_rank')
@@ -145,6 +150,12 @@ def check_args(args):
         if args.eval_dataset not in catalog:
             errors.append(f'--eval-dataset {args.eval_dataset!r} is not in the catalog {args.catalog or "(default)"}; '
                           f'known: {", ".join(catalog)} (or none)')
+    decode = getattr(args, 'decode_device', 'worker')
+    if decode == 'cuda' and not torch.cuda.is_available():
+        errors.append('--decode-device cuda needs a CUDA GPU (nvJPEG) and none is available; use --decode-device cpu '
+                      'or worker')
+    elif decode == 'cuda' and args.device is not None and not str(args.device).startswith('cuda'):
+        errors.append(f'--decode-device cuda decodes on the training GPU; it cannot train on --device {args.device}')
     if errors:
         raise SystemExit('main.py: invalid arguments:\n  ' + '\n  '.join(errors))
 
@@ -162,6 +173,8 @@ def resolve_args(args, device):
         args.eval_dataset = 'none'  # SimCLR has no text tower: no zero-shot check
     # Workers hand over uint8 views, normalised on the device (bitwise what ToTensor + Normalize give, 4x fewer bytes)
     args.image_format = 'device_augment' if args.device_augment else 'uint8'
+    if getattr(args, 'decode_device', 'worker') != 'worker':  # bytes from the workers; device_augment's colour ops
+        args.image_format, args.device_augment = 'jpeg', True
     resolve_view_args(args, spec)
     return spec
 
@@ -303,7 +316,7 @@ RESUME_FIELDS = ('model', 'ssl_mlp_dim', 'ssl_emb_dim', 'ssl_head_norm', 'ssl_sc
                  'dataset', 'root', 'metadata', 'train_num_samples', 'demo_samples', 'world_size', 'batch_size',
                  'update_freq', 'legacy_update_freq', 'epochs', 'warmup_epochs', 'lr', 'lr_start', 'lr_end', 'wd',
                  'betas', 'eps', 'seed', 'precision', 'device_augment', 'ssl_view_size', 'ssl_mask_ratio',
-                 'clip_mask_ratio')
+                 'clip_mask_ratio', 'decode_device')
 # WebDataset: each DataLoader worker reads its own shards, so the number of workers decides the sample order too.
 RESUME_FIELDS_WDS = ('workers', 'wds_shuffle_buffer')
 
