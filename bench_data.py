@@ -46,7 +46,9 @@ def bench_data(args):
     """The input pipeline alone: read, decode, every view, tokenize, collate. Configurations (interleaved):
     baseline (zip reopened per sample, float views made in the worker), fast (what main.py runs: zips kept open,
     uint8 views) and, with --device-augment, fast+device_augment, whose batched colour/blur cost on --device is
-    timed apart (``device_ms_per_sample``)."""
+    timed apart (``device_ms_per_sample``); with --decode-device, decode=cpu|cuda (main.py's --decode-device: the
+    workers send bytes; the decode and views on --device timed apart in batches of 256, ``device_ms_per_256``).
+    ``host_cpu_ms_per_sample``: CPU time of the loading process and its workers per sample (the decode apart)."""
     import datasets
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a DataLoader worker: tiny tensor ops must not wait on a thread pool
@@ -57,15 +59,19 @@ def bench_data(args):
         [('baseline', False, 'float') if args.baseline else ('fast', True, 'uint8')]
     if args.device_augment:
         configs.append(('fast+device_augment', True, 'device_augment'))
+    if getattr(args, 'decode_device', None):  # --decode-device: the workers send bytes; decode and views timed apart
+        configs.append((f'decode={args.decode_device}', True, 'jpeg'))
     sets = {}
     for name, _, fmt in configs:
         args.image_format = fmt
         sets[name] = datasets.get_train_dataset(args, utils.Tokenizer())
         sets[name].set_epoch(0)
-    device = utils.resolve_device(args.device) if args.device_augment else None
+    timed_apart = args.device_augment or getattr(args, 'decode_device', None)
+    device = utils.resolve_device(args.device) if timed_apart else None
     n = min(args.num_samples, len(sets[configs[0][0]]))
     times = {c[0]: [] for c in configs}
     finish = {c[0]: [] for c in configs}
+    host_cpu = {c[0]: [] for c in configs}  # CPU seconds of this process and its (finished) workers
     for rep in range(3):  # interleave repetitions of each configuration
         for name, keep_open, fmt in configs:
             samples.ZIP_KEEP_OPEN = keep_open
@@ -73,11 +79,23 @@ def bench_data(args):
             loader = torch.utils.data.DataLoader(sets[name], batch_size=16, num_workers=args.workers,
                                                  collate_fn=augment.Batch.collate,
                                                  sampler=[(rep * 7 + i) % len(sets[name]) for i in range(n)])
-            t, batches = time.perf_counter(), []
+            t, cpu, batches = time.perf_counter(), _host_cpu_s(), []
             for batch in loader:
-                if fmt == 'device_augment':
+                if fmt in ('device_augment', 'jpeg'):
                     batches.append(batch)
             times[name].append(time.perf_counter() - t)
+            host_cpu[name].append(_host_cpu_s() - cpu)  # the workers have exited and been reaped: counted
+            if fmt == 'jpeg':  # --decode-device: decode and views in this process, in batches of 256 as bench_gpu.sh's
+                import device_decode
+                torch.set_num_threads(threads)
+                big = [augment.Batch.cat(batches[k:k + 16]) for k in range(0, len(batches), 16)]
+                t = time.perf_counter()
+                for batch in big:
+                    device_decode.finish_batch(batch, device, args.decode_device, sets[name])
+                _sync(device)
+                finish[name].append(time.perf_counter() - t)
+                torch.set_num_threads(1)
+                batches = []
             if batches:  # the device's share, timed apart from the workers'
                 torch.set_num_threads(threads)
                 t = time.perf_counter()
@@ -90,8 +108,17 @@ def bench_data(args):
     torch.set_num_threads(threads)
     return [{'mode': 'data', 'dataset': args.dataset, 'model': args.model, 'config': name, 'workers': args.workers,
              'num_samples': n, 'samples_per_s': n / statistics.median(times[name]),
-             'device_ms_per_sample': statistics.median(finish[name]) / n * 1e3 if finish[name] else None}
-            for name, _, _ in configs]
+             'device_ms_per_sample': statistics.median(finish[name]) / n * 1e3 if finish[name] else None,
+             'host_cpu_ms_per_sample': statistics.median(host_cpu[name]) / n * 1e3,
+             'device_ms_per_256': statistics.median(finish[name]) / n * 256e3 if fmt == 'jpeg' else None}
+            for name, _, fmt in configs]
+
+
+def _host_cpu_s() -> float:
+    """User + system CPU seconds of this process and of its children that have exited (DataLoader workers)."""
+    import resource
+    me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
 
 
 # ----------------------------------------------------------------------------------------------------------------
