@@ -24,9 +24,9 @@ Main process (``finish_batch``, which engine.train_one_epoch calls for every mic
     be rewound, so there the next good sample of the batch stands in for it, with ``n_bad`` one higher. The replaced
     rows are rewritten in the loader's batch, so the epoch's bad-image count sees them.
   * every view is cropped from its decoded image and resized with ``F.interpolate(bilinear, antialias=True)`` (PIL's
-    antialiased bilinear filter, computed in float without PIL's uint8 rounding between its two passes), rounded to
-    uint8 and flipped: a device_augment-format batch, which augment.finish_views completes. Against the per-sample
-    path (PIL crop and resize in the worker) the uint8 views differ by rounding only (tests/test_device_decode.py).
+    antialiased bilinear filter; in float on the GPU, rounded to uint8 after, on uint8 pixels on the CPU) and
+    flipped: a device_augment-format batch, which augment.finish_views completes. Against the per-sample path (PIL
+    crop and resize in the worker) the uint8 views differ by rounding only (tests/test_device_decode.py).
 """
 import dataclasses
 import io
@@ -296,8 +296,15 @@ def _remake(ds: Any, epoch: int, index: int) -> Batch:
             loader.strict = False
 
 
-def crop_views(images: Sequence[torch.Tensor], crops: torch.Tensor) -> Dict[str, torch.Tensor]:
-    """Each view of each image: crop, antialiased bilinear resize, flip, round -> {view: uint8 [B, S, S, 3]}."""
+def crop_views(images: Sequence[torch.Tensor], crops: torch.Tensor,
+               uint8: Optional[bool] = None) -> Dict[str, torch.Tensor]:
+    """Each view of each image: crop, antialiased bilinear resize, flip -> {view: uint8 [B, S, S, 3]}.
+
+    ``uint8`` (default: on the CPU) resizes the uint8 pixels directly with torch's PIL-like fixed-point kernel
+    (about 3x faster there than float); otherwise in float32, rounded to uint8 after (CUDA's kernel is float only).
+    Both stay within one level of PIL's resize (tests/test_device_decode.py)."""
+    if uint8 is None:
+        uint8 = images[0].device.type == 'cpu'
     rows = crops.tolist()
     views = {}
     for v, name in enumerate(Batch.VIEWS):
@@ -307,8 +314,10 @@ def crop_views(images: Sequence[torch.Tensor], crops: torch.Tensor) -> Dict[str,
         parts = []
         for img, row in zip(images, rows):
             top, left, h, w, flip, _ = row[v]
-            x = F.interpolate(img[None, :, top:top + h, left:left + w].float(), size=(size, size), mode='bilinear',
-                              align_corners=False, antialias=True)
+            x = img[None, :, top:top + h, left:left + w]
+            x = x.contiguous(memory_format=torch.channels_last) if uint8 else x.float()
+            x = F.interpolate(x, size=(size, size), mode='bilinear', align_corners=False, antialias=True)
             parts.append(x.flip(-1) if flip else x)
-        views[name] = torch.cat(parts).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+        x = torch.cat(parts)
+        views[name] = (x if uint8 else x.round_().clamp_(0, 255).to(torch.uint8)).permute(0, 2, 3, 1)
     return views
