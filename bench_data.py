@@ -47,7 +47,8 @@ def bench_data(args):
     baseline (zip reopened per sample, float views made in the worker), fast (what main.py runs: zips kept open,
     uint8 views) and, with --device-augment, fast+device_augment, whose batched colour/blur cost on --device is
     timed apart (``device_ms_per_sample``); with --decode-device, decode=cpu|cuda (main.py's --decode-device: the
-    workers send bytes; the decode and views on --device timed apart in batches of 256, ``device_ms_per_256``).
+    workers send bytes; the decode and views on --device timed apart in batches of 256, ``device_ms_per_256``,
+    and the decode, crop and resize alone, ``decode_views_ms_per_sample``).
     ``host_cpu_ms_per_sample``: CPU time of the loading process and its workers per sample (the decode apart)."""
     import datasets
     threads = torch.get_num_threads()
@@ -72,6 +73,7 @@ def bench_data(args):
     times = {c[0]: [] for c in configs}
     finish = {c[0]: [] for c in configs}
     host_cpu = {c[0]: [] for c in configs}  # CPU seconds of this process and its (finished) workers
+    decode = {c[0]: [] for c in configs}  # --decode-device: decode, crop and resize (finish: and the colour ops)
     for rep in range(3):  # interleave repetitions of each configuration
         for name, keep_open, fmt in configs:
             samples.ZIP_KEEP_OPEN = keep_open
@@ -90,8 +92,11 @@ def bench_data(args):
                 torch.set_num_threads(threads)
                 big = [augment.Batch.cat(batches[k:k + 16]) for k in range(0, len(batches), 16)]
                 t = time.perf_counter()
-                for batch in big:
-                    device_decode.finish_batch(batch, device, args.decode_device, sets[name])
+                views = [device_decode.decode_views(batch, device, args.decode_device, sets[name]) for batch in big]
+                _sync(device)
+                decode[name].append(time.perf_counter() - t)
+                for batch in views:
+                    augment.finish_views(batch)
                 _sync(device)
                 finish[name].append(time.perf_counter() - t)
                 torch.set_num_threads(1)
@@ -110,7 +115,8 @@ def bench_data(args):
              'num_samples': n, 'samples_per_s': n / statistics.median(times[name]),
              'device_ms_per_sample': statistics.median(finish[name]) / n * 1e3 if finish[name] else None,
              'host_cpu_ms_per_sample': statistics.median(host_cpu[name]) / n * 1e3,
-             'device_ms_per_256': statistics.median(finish[name]) / n * 256e3 if fmt == 'jpeg' else None}
+             'device_ms_per_256': statistics.median(finish[name]) / n * 256e3 if fmt == 'jpeg' else None,
+             'decode_views_ms_per_sample': statistics.median(decode[name]) / n * 1e3 if fmt == 'jpeg' else None}
             for name, _, fmt in configs]
 
 

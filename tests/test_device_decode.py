@@ -368,4 +368,5 @@ def test_bench_data_measures_the_decode_configuration(tmp_path):
     rows = bench.main(argparse.ArgumentParser(parents=[bench.get_args_parser()]).parse_args([str(a) for a in argv]))
     assert [r['config'] for r in rows] == ['fast', 'fast+device_augment', 'decode=cpu']
     assert all(r['samples_per_s'] > 0 and r['host_cpu_ms_per_sample'] > 0 for r in rows)
-    assert rows[2]['device_ms_per_sample'] > 0 and rows[2]['device_ms_per_256'] > 0
+    assert rows[2]['device_ms_per_sample'] > rows[2]['decode_views_ms_per_sample'] > 0
+    assert rows[2]['device_ms_per_256'] > 0 and rows[1]['device_ms_per_256'] is None
