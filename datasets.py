@@ -8,7 +8,8 @@ SLIP all four) and ``n_bad``, the count of bad images skipped to produce it; ``B
 collate_fn. Every random choice of sample i in epoch e comes from (seed, e, i), so a resumed run sees
 bitwise-identical data. Images are normalised float tensors, or (``args.image_format``, as main.py asks) uint8 views
 finished on the device by ``augment.finish_views``; with 'device_augment' the SimCLR colour jitter and blur also run
-there; with 'jpeg' (main.py --decode-device) the compressed bytes and the drawn crops travel (device_decode.py). ``get_dataset(train_transform, tokenizer, args)`` is the original's call, with its tuple samples.
+there; with 'jpeg' (main.py --decode-device) the compressed bytes and the drawn crops travel (device_decode.py).
+``get_dataset(train_transform, tokenizer, args)`` is the original's call, with its tuple samples.
 
 Where the rest lives: samples.py (reading images, bad images, the YFCC zips, ``PairMaker``), wds_data.py (the
 WebDataset stream), demo_data.py (the demo images), downstream.py (``get_downstream_dataset``: the evaluation sets
