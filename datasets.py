@@ -131,8 +131,8 @@ def get_train_dataset(args: Any, tokenizer: Optional[Callable]) -> torch.utils.d
     """The pre-training dataset named by ``args.dataset`` with the views of ``args.model``'s family.
 
     Reads args.dataset, root, metadata, metadata_cache (a folder; default none: held in memory), model, seed,
-    image_format (default 'float'; see build_transforms; 'jpeg': device_decode.py), ssl_view_size, ssl_mask_ratio and clip_mask_ratio
-    (default: the model's size, no masking), demo_samples (demo) and train_num_samples (wds).
+    image_format (default 'float'; see build_transforms; 'jpeg': device_decode.py), ssl_view_size, ssl_mask_ratio
+    and clip_mask_ratio (default: the model's size, no masking), demo_samples (demo) and train_num_samples (wds).
     Map-style datasets and the wds IterableDataset both have ``set_epoch``; the wds one has ``num_samples``.
     """
     spec = models.get_spec(args.model)
