@@ -325,25 +325,34 @@ def _cli(out, root, meta, extra=()):
     return [str(c) for c in cmd], dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
 
 
-def test_main_trains_with_decode_device_cpu_and_update_freq_2(with_bad, tmp_path):
+@pytest.fixture
+def decoded(monkeypatch):
+    """The sizes of the micro-batches main.py decoded in this process."""
+    sizes, real = [], device_decode.decode_views
+    monkeypatch.setattr(device_decode, 'decode_views', lambda batch, *a: sizes.append(len(batch)) or real(batch, *a))
+    return sizes
+
+
+def test_main_trains_with_decode_device_cpu_and_update_freq_2(with_bad, tmp_path, decoded):
     root, meta = with_bad
     args = parse(*_cli(tmp_path / 'run', root, meta, ['--update-freq', 2, '--batch-size', 2, '--workers', 0,
                                                        '--max-bad-fraction', 0.5])[0][2:])
     stats = main_script.main(args)
-    assert stats['train_bad_samples'] >= 2 and np.isfinite(stats['train_loss'])  # 2 steps of 2 x 2; both bad counted
+    assert decoded == [2] * 4  # 2 steps of 2 micro-batches of 2, each decoded on its own
+    assert stats['train_bad_samples'] >= 2 and np.isfinite(stats['train_loss'])  # both bad images counted
     with pytest.raises(SystemExit, match="--decode-device: checkpoint 'cpu', now 'worker'"):
         main_script.main(parse(*_cli(tmp_path / 'run', root, meta, ['--update-freq', 2, '--batch-size', 2,
                                                                      '--decode-device', 'worker'])[0][2:]))
 
 
-def test_main_trains_on_wds_shards_with_decode_device_cpu(tmp_path):
+def test_main_trains_on_wds_shards_with_decode_device_cpu(tmp_path, decoded):
     urls = write_shard(tmp_path / 'shards', [smooth_jpeg(k, fmt='PNG' if k == 3 else 'JPEG') for k in range(8)],
                        ['png' if k == 3 else 'jpg' for k in range(8)])
     args = parse('--dataset', 'wds', '--root', urls, '--train-num-samples', 8, '--model', 'SLIP_TINY', '--batch-size',
                  2, '--update-freq', 2, '--epochs', 1, '--workers', 2, '--precision', 'fp32', '--decode-device', 'cpu',
                  '--output-dir', tmp_path / 'run', '--eval-dataset', 'none')
     stats = main_script.main(args)
-    assert stats['train_bad_samples'] == 0 and np.isfinite(stats['train_loss'])
+    assert decoded == [2] * 4 and stats['train_bad_samples'] == 0 and np.isfinite(stats['train_loss'])
 
 
 @pytest.mark.slow
