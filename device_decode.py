@@ -10,10 +10,10 @@ Worker side (``send_encoded`` turns a pre-training dataset of datasets.py or wds
     loop, drawing the same replacement and counting the same ``n_bad`` as the per-sample path. Images that are not
     8-bit RGB or grayscale JPEGs (PNG or WebP in shards, CMYK JPEGs, the demo's drawn images) are decoded in the
     worker with PIL, as the per-sample path does, and travel as raw RGB pixels instead of bytes.
-  * ``EncodedPairMaker`` makes the sample with PairMaker.make itself, its transforms replaced by draws: the CLIP
-    view's RandomResizedCrop and the SimCLR views' crop, flip, colour and blur parameters come from the sample's
-    seeded streams with the calls, in the order, of build_transforms' 'device_augment' format, from the image's size
-    alone. A sample's draws are therefore the same function of (seed, epoch, index) as there: resume stays bitwise.
+  * ``EncodedPairMaker`` makes the sample's draws without its pixels: the caption, the CLIP view's RandomResizedCrop
+    and the SimCLR views' crop, flip, colour and blur parameters come from the sample's seeded streams with the calls,
+    in the order, of PairMaker.make with build_transforms' 'device_augment' views, from the image's size alone. A
+    sample's draws are therefore the same function of (seed, epoch, index) as there: resume stays bitwise.
 
 Main process (``finish_batch``, which engine.train_one_epoch calls for every micro-batch):
   * the batch's JPEGs are decoded with ``torchvision.io.decode_jpeg`` in one batched call; if that raises, image by
@@ -134,8 +134,11 @@ class SslCropFlip:
 class EncodedPairMaker(PairMaker):
     """PairMaker whose samples carry the image's bytes and its views' drawn crops instead of the views.
 
-    ``rerunnable``: the dataset is map-style, so the main process can make a sample again from (epoch, index), which
-    it learns here from the key of the dataset's ``rng(index)`` call that starts every sample."""
+    ``make`` draws what PairMaker.make draws with build_transforms' 'device_augment' views, in its order (the
+    caption, the sample's torch seed, the CLIP view, each SimCLR view, the kept tokens); it does not go through
+    PairMaker.make, whose decoding is the host path's own business. ``rerunnable``: the dataset is map-style, so the
+    main process can make a sample again from (epoch, index), learnt from the dataset's ``rng(index)`` call that
+    starts every sample."""
 
     def __init__(self, maker: PairMaker, image_size: int, ssl_size: int, rerunnable: bool):
         self.__dict__.update(vars(maker))
@@ -148,15 +151,27 @@ class EncodedPairMaker(PairMaker):
 
     def make(self, image, captions: Sequence[str], rng: np.random.Generator, n_bad: int) -> Batch:
         enc = image if isinstance(image, EncodedImage) else EncodedImage.from_pil(image)
-        sample = super().make(enc, captions, rng, n_bad)  # the views are crop rows here
+        caption = samples.pick_caption(captions, rng) if self.family != 'simclr' else ''
+        sample = Batch(n_bad=torch.tensor(n_bad, dtype=torch.int64))
         crops = torch.zeros(len(Batch.VIEWS), len(CROP_FIELDS), dtype=torch.int64)
-        for v, name in enumerate(Batch.VIEWS):
-            if getattr(sample, name) is not None:
-                crops[v] = getattr(sample, name)
+        with samples.seeded_rngs(int(rng.integers(2 ** 63))):
+            if self.family != 'simclr':
+                crops[0] = self.clip_transform(enc)
+            if self.family != 'clip':
+                (crops[1], p1), (crops[2], p2) = self.ssl_augment(enc), self.ssl_augment(enc)
+                sample.aug_params = torch.stack([p1, p2])
+            if self.ssl_keep is not None:  # after every view's draws, as PairMaker.make
+                sample.aug1_keep = augment.draw_keep(*self.ssl_keep)
+                sample.aug2_keep = augment.draw_keep(*self.ssl_keep)
+            if self.clip_keep is not None:
+                sample.image_keep = augment.draw_keep(*self.clip_keep)
+        if self.family != 'simclr':
+            sample.text = self.tokenizer(caption)
         index = self.key[0] if self.rerunnable and len(self.key) == 1 else -1
-        info = torch.tensor([enc.data.size, enc.height, enc.width, int(enc.pixels), self.epoch, index])
-        data = torch.from_numpy(enc.data if enc.data.flags.writeable else enc.data.copy())
-        return dataclasses.replace(sample, image=None, aug1=None, aug2=None, jpeg=data, jpeg_info=info, crops=crops)
+        sample.jpeg = torch.from_numpy(enc.data if enc.data.flags.writeable else enc.data.copy())
+        sample.jpeg_info = torch.tensor([enc.data.size, enc.height, enc.width, int(enc.pixels), self.epoch, index])
+        sample.crops = crops
+        return sample
 
 
 def send_encoded(dataset: Any, image_size: int, ssl_size: int) -> Any:

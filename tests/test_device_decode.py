@@ -107,8 +107,11 @@ def photos(tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 # The same samples as the per-sample path
 # ----------------------------------------------------------------------------------------------------------------
+MASKED = dict(ssl_view_size=32, ssl_mask_ratio=0.5, clip_mask_ratio=0.25)
+
+
 @pytest.mark.parametrize('model, extra', [('SLIP_TINY', {}), ('CLIP_TINY', {}), ('SIMCLR_TINY', {}),
-                                          ('SLIP_TINY', dict(ssl_view_size=32, ssl_mask_ratio=0.5))])
+                                          ('SLIP_TINY', MASKED)])
 def test_batched_views_equal_the_per_sample_path_within_rounding(photos, model, extra):
     root, meta = photos
     ref, sent, got = both(dataset(root, meta, 'device_augment', model, **extra),
