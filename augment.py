@@ -56,8 +56,16 @@ class Batch:
     skipped to make this sample (0-dim int64); ``image_keep``/``aug1_keep``/``aug2_keep`` (only with
     --clip-mask-ratio / --ssl-mask-ratio > 0) the indices [n_keep] int64 of the view's patch tokens the model keeps
     (sorted; the class token is always kept besides). Batched, every field gains a leading batch dimension.
+
+    With --decode-device (device_decode.py) a worker sends, instead of the three views, ``jpeg`` the image's
+    compressed bytes (or its raw RGB pixels) as a 1-D uint8 tensor, ``jpeg_info`` [6] int64 of them and ``crops``
+    [3, 6] int64, the drawn crop of each view; batched, ``jpeg`` is the samples' bytes one after the other (not a
+    stacked dimension: ``jpeg_info[:, 0]`` holds each one's length). These three stay on the host in ``to``: the
+    decoder uploads the bytes itself and reads the crop boxes on the host.
     """
     VIEWS: ClassVar[Tuple[str, ...]] = ('image', 'aug1', 'aug2')
+    FLAT: ClassVar[Tuple[str, ...]] = ('jpeg',)  # concatenated, not stacked: split by jpeg_info[:, 0]
+    HOST: ClassVar[Tuple[str, ...]] = ('jpeg', 'jpeg_info', 'crops')  # left on the host by ``to``
 
     image: Optional[torch.Tensor] = None
     text: Optional[torch.Tensor] = None
@@ -68,6 +76,9 @@ class Batch:
     image_keep: Optional[torch.Tensor] = None
     aug1_keep: Optional[torch.Tensor] = None
     aug2_keep: Optional[torch.Tensor] = None
+    jpeg: Optional[torch.Tensor] = None
+    jpeg_info: Optional[torch.Tensor] = None
+    crops: Optional[torch.Tensor] = None
 
     def tensors(self) -> Dict[str, torch.Tensor]:
         """The fields that are set, by name."""
@@ -77,26 +88,30 @@ class Batch:
         return dataclasses.replace(self, **{k: fn(v) for k, v in self.tensors().items()})
 
     def to(self, device, non_blocking: bool = False) -> 'Batch':
-        return self.apply(lambda t: t.to(device, non_blocking=non_blocking))
+        moved = {k: v.to(device, non_blocking=non_blocking) for k, v in self.tensors().items() if k not in self.HOST}
+        return dataclasses.replace(self, **moved)
 
     def pin_memory(self) -> 'Batch':  # called by the DataLoader's pin-memory thread
         return self.apply(lambda t: t.pin_memory())
 
     def __len__(self) -> int:
-        return len(next(v for k, v in self.tensors().items() if k != 'n_bad'))
+        return len(next(v for k, v in self.tensors().items() if k != 'n_bad' and k not in self.FLAT))
 
     def chunk(self, k: int) -> List['Batch']:
         """Split into ``k`` micro-batches of equal size along the batch dimension."""
         if len(self) % k:
             raise ValueError(f'a batch of {len(self)} does not split into {k} equal micro-batches')
-        parts = {name: t.chunk(k) for name, t in self.tensors().items()}
+        parts = {name: t.chunk(k) for name, t in self.tensors().items() if name not in self.FLAT}
+        if self.jpeg is not None:  # each micro-batch's bytes: the sum of its samples' lengths
+            parts['jpeg'] = self.jpeg.split([int(p[:, 0].sum()) for p in parts['jpeg_info']])
         return [Batch(**{name: p[i] for name, p in parts.items()}) for i in range(k)]
 
     @staticmethod
     def collate(samples: Sequence['Batch']) -> 'Batch':
-        """The DataLoader's collate_fn: stack every field of the samples."""
+        """The DataLoader's collate_fn: stack every field of the samples (concatenate the flat ``jpeg`` bytes)."""
         first = samples[0].tensors()
-        return Batch(**{k: torch.stack([getattr(s, k) for s in samples]) for k in first})
+        return Batch(**{k: (torch.cat if k in Batch.FLAT else torch.stack)([getattr(s, k) for s in samples])
+                        for k in first})
 
     @staticmethod
     def cat(batches: Sequence['Batch']) -> 'Batch':

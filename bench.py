@@ -15,7 +15,8 @@ host CPU seconds per sample, the fast path's time per stage and its cProfile (to
 `--baseline` turns the model's fast paths off (separate view passes, full 77-token text, a full last ViT block,
 unfused attention); in `data` it runs the original SLIP's dataset code (bench_original.py: a zip archive reopened per
 sample, torchvision's transforms, float views made in the worker, OpenAI's tokenizer, tuples). `--compare` runs both
-in one process, interleaved, and prints the ratio. `data --device-augment` adds main.py's --device-augment.
+in one process, interleaved, and prints the ratio. `data --device-augment` adds main.py's --device-augment,
+`data --decode-device cpu|cuda` main.py's --decode-device (the workers' share, then decode and views apart).
 Cheaper SimCLR views (main.py's --ssl-view-size / --ssl-mask-ratio / --clip-mask-ratio), several in one process,
 interleaved, against CLIP at the same size (step time and FLOPs as ratios to it):
     python bench.py train --model SLIP_VITS16 --batch-size 8 --precision fp32 --device cpu --steps 3 --warmup 1 \
@@ -72,6 +73,9 @@ def get_args_parser():
     p.add_argument('--stages', action='store_true', help='data mode: also the fast path\'s time per stage')
     p.add_argument('--device-augment', action='store_true',
                    help='data mode: also measure main.py --device-augment (SimCLR colour/blur on --device)')
+    p.add_argument('--decode-device', default=None, choices=['cpu', 'cuda'],
+                   help='data mode: also measure main.py --decode-device (workers send JPEG bytes; decode and views '
+                        'batched on this device, timed apart per batch of 256)')
     p.add_argument('--metadata-memory', action='store_true',
                    help='data mode: memory and build time of the metadata alone, Python lists vs compact arrays with '
                         'a cold and a warm cache, on a generated yfcc15m.pkl (--metadata)')

@@ -18,6 +18,7 @@ import torch
 
 import augment
 import bench_original
+import device_decode
 import samples
 import utils
 import views
@@ -54,8 +55,8 @@ def _cpu_seconds():
 
 def _data_configs(args):
     """(name, dataset, image format): the original SLIP's dataset code (bench_original.py), the default host path
-    (what main.py runs: zips kept open, views.py's views handed over as uint8) and, with --device-augment, main.py
-    --device-augment."""
+    (what main.py runs: zips kept open, views.py's views handed over as uint8), with --device-augment main.py
+    --device-augment, and with --decode-device main.py --decode-device (the workers send bytes)."""
     import datasets
     import models
     configs = []
@@ -71,6 +72,11 @@ def _data_configs(args):
         ds = datasets.get_train_dataset(args, utils.Tokenizer())
         ds.set_epoch(0)
         configs.append(('fast' if fmt == 'uint8' else 'fast+device_augment', ds, fmt))
+    if getattr(args, 'decode_device', None):
+        args.image_format = 'jpeg'
+        ds = datasets.get_train_dataset(args, utils.Tokenizer())
+        ds.set_epoch(0)
+        configs.append((f'decode={args.decode_device}', ds, 'jpeg'))
     return configs
 
 
@@ -107,21 +113,23 @@ def bench_data(args):
     if args.stages and args.dataset != 'yfcc15m':
         raise ValueError('--stages times the yfcc15m zip reader (--dataset yfcc15m)')
     configs = _data_configs(args)
-    device = utils.resolve_device(args.device) if args.device_augment else None
+    device = utils.resolve_device(args.device) if args.device_augment or getattr(args, 'decode_device', None) else None
     n = min(args.num_samples, min(len(c[1]) for c in configs))
-    times, cpu, finish = ({c[0]: [] for c in configs} for _ in range(3))
+    times, cpu, finish, decode = ({c[0]: [] for c in configs} for _ in range(4))
     for rep in range(3):
         samples._zip_caches.clear()
         loaders = [torch.utils.data.DataLoader(
             ds, batch_size=16, num_workers=args.workers, sampler=[(rep * 7 + i) % len(ds) for i in range(n)],
             collate_fn=augment.Batch.collate if name != 'original' else None)  # the original: tuples, default
             for name, ds, _ in configs]
-        spent, batches = [[0.0, 0.0] for _ in configs], []
+        spent, batches, encoded = [[0.0, 0.0] for _ in configs], [], []
         for k, batch, wall, cpu_s in _timed_batches(loaders, args.workers):
             spent[k][0] += wall
             spent[k][1] += cpu_s
             if batch is not None and configs[k][2] == 'device_augment':
                 batches.append(batch)
+            if batch is not None and configs[k][2] == 'jpeg':
+                encoded.append((k, batch))
         for (name, _, _), (wall, cpu_s) in zip(configs, spent):
             times[name].append(wall)
             cpu[name].append(cpu_s)
@@ -133,10 +141,25 @@ def bench_data(args):
             _sync(device)
             finish['fast+device_augment'].append(time.perf_counter() - t)
             torch.set_num_threads(1)
+        if encoded:  # --decode-device: decode and views in this process, in batches of 256 as in bench_gpu.sh
+            k = encoded[0][0]
+            name, ds = configs[k][0], configs[k][1]
+            torch.set_num_threads(threads)
+            big = [augment.Batch.cat([b for _, b in encoded[j:j + 16]]) for j in range(0, len(encoded), 16)]
+            t = time.perf_counter()
+            made = [device_decode.decode_views(b, device, args.decode_device, ds) for b in big]
+            _sync(device)
+            decode[name].append(time.perf_counter() - t)
+            for b in made:
+                augment.finish_views(b)
+            _sync(device)
+            finish[name].append(time.perf_counter() - t)
+            torch.set_num_threads(1)
     rows = [{'mode': 'data', 'dataset': args.dataset, 'model': args.model, 'config': name, 'workers': args.workers,
              'num_samples': n, 'samples_per_s': n / statistics.median(times[name]),
              'host_cpu_s_per_sample': statistics.median(cpu[name]) / n,
-             'device_ms_per_sample': statistics.median(finish[name]) / n * 1e3 if finish[name] else None}
+             'device_ms_per_sample': statistics.median(finish[name]) / n * 1e3 if finish[name] else None,
+             'decode_views_ms_per_sample': statistics.median(decode[name]) / n * 1e3 if decode[name] else None}
             for name, _, _ in configs]
     for row, (name, ds, _) in zip(rows, configs):
         if name == 'fast' and args.profile:

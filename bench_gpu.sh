@@ -5,6 +5,7 @@
 # once-per-step head and loss at large accumulated batches; the SLIP input pipeline with 16 workers; then the
 # cheaper SimCLR views (--ssl-view-size, --ssl-mask-ratio and a combination) interleaved against CLIP at the same size;
 # the training stall per checkpoint save of SLIP_VITB16, written in the training thread vs in the background.
+# Then --decode-device cuda (nvJPEG) against the worker paths: host CPU and GPU time per sample, and end to end.
 set -euo pipefail
 PY=${PYTHON:-python}
 for model in CLIP_VITB16 SLIP_VITB16; do
@@ -22,3 +23,21 @@ for model in SLIP_VITS16 SLIP_VITB16; do
     --count-flops --clip-reference --variants "$VARIANTS"
 done
 $PY bench_save.py --model SLIP_VITB16 --device cuda --saves 3
+# --- --decode-device (issue 18): the workers send JPEG bytes and drawn crops; nvJPEG decodes the batch and the GPU
+# makes the views. Host CPU ms per sample of every path and GPU ms per 256 samples (device_ms_per_256; the decode,
+# crop and resize alone: decode_views_ms_per_sample), then end-to-end SLIP_VITB16 training samples/s with each path
+# at 8 and 16 workers: the last progress line of the second epoch (persistent workers, steady state) on the fixture.
+$PY bench.py data --dataset yfcc15m --root /tmp/yfcc_bench --metadata /tmp/yfcc_bench/yfcc.pkl --model SLIP_VITB16 \
+  --workers 16 --num-samples 4000 --make-fixture --device-augment --decode-device cuda --device cuda
+for workers in 8 16; do
+  for decode in worker cuda; do
+    out=/tmp/slip_e2e_${decode}_${workers}
+    rm -rf "$out"
+    rate=$($PY main.py --dataset yfcc15m --root /tmp/yfcc_bench --metadata /tmp/yfcc_bench/yfcc.pkl \
+      --model SLIP_VITB16 --batch-size 128 --precision amp_bf16 --epochs 2 --warmup-epochs 0 --workers $workers \
+      --decode-device $decode --eval-dataset none --print-freq 5 --output-dir "$out" 2>&1 |
+      grep -o '[0-9.]* samples/s  data [0-9]*%' | tail -1)
+    echo "SLIP_VITB16 end to end, batch 128, --decode-device $decode, $workers workers: $rate"
+  done
+done
+# --- end of --decode-device

@@ -8,7 +8,8 @@ SLIP all four) and ``n_bad``, the count of bad images skipped to produce it; ``B
 collate_fn. Every random choice of sample i in epoch e comes from (seed, e, i), so a resumed run sees
 bitwise-identical data. Images are normalised float tensors, or (``args.image_format``, as main.py asks) uint8 views
 finished on the device by ``augment.finish_views``; with 'device_augment' the SimCLR colour jitter and blur also run
-there. ``get_dataset(train_transform, tokenizer, args)`` is the original's call, with its tuple samples.
+there; with 'jpeg' (main.py --decode-device) the compressed bytes and the drawn crops travel (device_decode.py).
+``get_dataset(train_transform, tokenizer, args)`` is the original's call, with its tuple samples.
 
 Where the rest lives: samples.py (reading images, bad images, the YFCC zips, ``PairMaker``), wds_data.py (the
 WebDataset stream), demo_data.py (the demo images), downstream.py (``get_downstream_dataset``: the evaluation sets
@@ -98,6 +99,7 @@ class MetadataSource:
                              f'expected one of {", ".join(PRETRAIN_DATASETS)}')
         self.dataset, self.root = dataset, root
         self.records = metadata_lib.load_metadata(dataset, metadata, cache)
+        self.load = open_image  # (path or opener, name) -> image; --decode-device reads the bytes instead
 
     def __len__(self) -> int:
         return len(self.records)
@@ -107,15 +109,15 @@ class MetadataSource:
         BadImage."""
         r, root = self.records[index], self.root
         if self.dataset == 'yfcc15m':
-            return yfcc_loader(root, r[0]), (r[1], r[2])
+            return yfcc_loader(root, r[0], self.load), (r[1], r[2])
         if self.dataset == 'redcaps':
             path = os.path.join(root, r[0], f'{r[1]}.jpg')
-            return open_image(path, path), (r[2],)
+            return self.load(path, path), (r[2],)
         if self.dataset == 'coco':
             path = os.path.join(root, 'train2017', f'{r[0]:012d}.jpg')
         else:  # cc3m / cc12m: a path relative to root
             path = os.path.join(root, r[0])
-        return open_image(path, path), r[1]
+        return self.load(path, path), r[1]
 
 
 def _keep_spec(spec: Any, size: int, ratio: float) -> Optional[Tuple[int, int]]:
@@ -130,23 +132,30 @@ def get_train_dataset(args: Any, tokenizer: Optional[Callable]) -> torch.utils.d
     """The pre-training dataset named by ``args.dataset`` with the views of ``args.model``'s family.
 
     Reads args.dataset, root, metadata, metadata_cache (a folder; default none: held in memory), model, seed,
-    image_format (default 'float'; see build_transforms), ssl_view_size, ssl_mask_ratio and clip_mask_ratio
-    (default: the model's size, no masking), demo_samples (demo) and train_num_samples (wds).
+    image_format (default 'float'; see build_transforms; 'jpeg': device_decode.py), ssl_view_size, ssl_mask_ratio
+    and clip_mask_ratio (default: the model's size, no masking), demo_samples (demo) and train_num_samples (wds).
     Map-style datasets and the wds IterableDataset both have ``set_epoch``; the wds one has ``num_samples``.
     """
     spec = models.get_spec(args.model)
     ssl_size = getattr(args, 'ssl_view_size', None) or spec.image_size
-    clip_t, ssl_t, _ = build_transforms(spec.image_size, getattr(args, 'image_format', 'float'), ssl_size)
+    image_format = getattr(args, 'image_format', 'float')
+    jpeg = image_format == 'jpeg'  # --decode-device: device_augment's draws, made by device_decode from the bytes
+    clip_t, ssl_t, _ = build_transforms(spec.image_size, 'device_augment' if jpeg else image_format, ssl_size)
     common = dict(family=spec.family, transforms=(clip_t, ssl_t), tokenizer=tokenizer, seed=getattr(args, 'seed', 0),
                   ssl_keep=_keep_spec(spec, ssl_size, getattr(args, 'ssl_mask_ratio', 0.0)),
                   clip_keep=_keep_spec(spec, spec.image_size, getattr(args, 'clip_mask_ratio', 0.0)))
     if args.dataset == 'wds':
-        return WebDatasetPairs(args.root, getattr(args, 'train_num_samples', None), batch_size=getattr(
+        ds = WebDatasetPairs(args.root, getattr(args, 'train_num_samples', None), batch_size=getattr(
             args, 'batch_size', 1), shuffle_buffer=getattr(args, 'wds_shuffle_buffer', 1000), **common)
-    if args.dataset == 'demo':
-        return ImageCaptionDataset(DemoSource(getattr(args, 'demo_samples', 20000)), name='demo', **common)
-    source = MetadataSource(args.dataset, args.root, args.metadata, getattr(args, 'metadata_cache', None))
-    return ImageCaptionDataset(source, name=args.dataset, **common)
+    elif args.dataset == 'demo':
+        ds = ImageCaptionDataset(DemoSource(getattr(args, 'demo_samples', 20000)), name='demo', **common)
+    else:
+        source = MetadataSource(args.dataset, args.root, args.metadata, getattr(args, 'metadata_cache', None))
+        ds = ImageCaptionDataset(source, name=args.dataset, **common)
+    if jpeg:
+        import device_decode  # it builds on this module's datasets
+        device_decode.send_encoded(ds, spec.image_size, ssl_size)
+    return ds
 
 
 # The original's samples, by family: the tuple its training loop unpacks.

@@ -24,6 +24,7 @@ import torch.nn as nn
 import augment
 import checkpoints
 import datasets
+import device_decode
 import engine as engine_lib
 import faults
 import guard as guard_lib
@@ -118,6 +119,11 @@ def get_args_parser():
     a('--device-augment', action='store_true',
       help='SimCLR colour jitter, grayscale and blur run batched on the device instead of in the workers with PIL '
            '(same distributions, other numerics; for input-bound runs)')
+    a('--decode-device', default='worker', choices=['worker', 'cpu', 'cuda'],
+      help='where JPEGs are decoded and the views cropped and resized: worker (PIL in the data loader workers, '
+           'default); cuda (the workers send the compressed bytes and drawn crops, the GPU decodes the batch with '
+           'nvJPEG and makes the views; implies --device-augment); cpu (the same batched code on the CPU in the main '
+           'process)')
     a('--world-size', default=1, type=int, help='number of processes (set by the launchers)')
     a('--rank', default=0, type=int)
     a('--local_rank', '--local-rank', default=0, type=int, dest='local_rank')
@@ -153,7 +159,7 @@ def check_args(args):
         if args.eval_dataset not in catalog:
             errors.append(f'--eval-dataset {args.eval_dataset!r} is not in the catalog {args.catalog or "(default)"}; '
                           f'known: {", ".join(catalog)} (or none)')
-    for module in (checkpoints, guard_lib, faults):
+    for module in (checkpoints, guard_lib, faults, device_decode):
         module.check_args(args, errors)
     if errors:
         raise SystemExit('main.py: invalid arguments:\n  ' + '\n  '.join(errors))
@@ -172,6 +178,8 @@ def resolve_args(args, device):
         args.eval_dataset = 'none'  # SimCLR has no text tower: no zero-shot check
     # Workers hand over uint8 views, normalised on the device (bitwise what ToTensor + Normalize give, 4x fewer bytes)
     args.image_format = 'device_augment' if args.device_augment else 'uint8'
+    if getattr(args, 'decode_device', 'worker') != 'worker':  # bytes from the workers; device_augment's colour ops
+        args.image_format, args.device_augment = 'jpeg', True
     resolve_view_args(args, spec)
     return spec
 
@@ -313,7 +321,7 @@ RESUME_FIELDS = ('model', 'ssl_mlp_dim', 'ssl_emb_dim', 'ssl_head_norm', 'ssl_sc
                  'dataset', 'root', 'metadata', 'train_num_samples', 'demo_samples', 'world_size', 'batch_size',
                  'update_freq', 'legacy_update_freq', 'epochs', 'warmup_epochs', 'lr', 'lr_start', 'lr_end', 'wd',
                  'betas', 'eps', 'seed', 'precision', 'device_augment', 'ssl_view_size', 'ssl_mask_ratio',
-                 'clip_mask_ratio', 'inject_fault')
+                 'clip_mask_ratio', 'inject_fault', 'decode_device')
 # WebDataset: each DataLoader worker reads its own shards, so the number of workers decides the sample order too.
 RESUME_FIELDS_WDS = ('workers', 'wds_shuffle_buffer')
 

@@ -104,11 +104,12 @@ def _zip_read(archive: str, member: str) -> bytes:
     return zf.read(member)
 
 
-def yfcc_loader(root: str, photo_id: int) -> Image.Image:
-    """YFCC image 12345678 is member ``678.jpg`` of ``<root>/images/12/345.zip`` (opened, see ``open_image``)."""
+def yfcc_loader(root: str, photo_id: int, load: Callable[[Any, str], Any] = None) -> Image.Image:
+    """YFCC image 12345678 is member ``678.jpg`` of ``<root>/images/12/345.zip``; ``load`` (default ``open_image``:
+    opened, decoded later by PairMaker) takes (zero-argument callable giving a file object, name)."""
     s = f'{int(photo_id):08d}'
     archive, member = os.path.join(root, 'images', s[:2], s[2:5] + '.zip'), s[5:] + '.jpg'
-    return open_image(lambda: io.BytesIO(_zip_read(archive, member)), f'{archive}:{member}')
+    return (load or open_image)(lambda: io.BytesIO(_zip_read(archive, member)), f'{archive}:{member}')
 
 
 @contextmanager

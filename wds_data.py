@@ -54,6 +54,7 @@ class WebDatasetPairs(torch.utils.data.IterableDataset):
         self.num_samples = int(num_samples)
         self.rank, self.world_size = utils.get_rank(), utils.get_world_size()
         self.maker = PairMaker(family, transforms, tokenizer, seed, **masks)
+        self.load = load_image  # (file object, name) -> image; --decode-device reads the bytes instead
         self.shuffle_buffer = int(shuffle_buffer)
         self.batch_size, self.start_batch = int(batch_size), 0
 
@@ -139,7 +140,7 @@ class WebDatasetPairs(torch.utils.data.IterableDataset):
             try:
                 if data is None:
                     raise BadImage(f'{name}: no image member ({"/".join(IMAGE_EXTS)})')
-                image = load_image(io.BytesIO(data), name)
+                image = self.load(io.BytesIO(data), name)
                 break
             except BadImage as e:
                 n_bad += 1
