@@ -122,7 +122,8 @@ def sigkill_and_rerun():
         assert (killed_at['epoch'], killed_at['step']) == (0, step)  # mid-epoch, where it was killed
         if between is not None:
             between()
-        subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True)
+        rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True)
+        assert rerun.returncode == 0, rerun.stderr.decode()[-3000:]  # the rerun's own error, if any
         return killed_at
     return run
 

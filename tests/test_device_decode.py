@@ -19,6 +19,7 @@ import bench
 import datasets
 import device_decode
 import main as main_script
+import views
 from conftest import assert_same_weights
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -135,6 +136,8 @@ def test_crop_boxes_are_those_the_per_sample_path_draws(photos, monkeypatch):
     real = torchvision.transforms.functional.resized_crop
     monkeypatch.setattr(torchvision.transforms.functional, 'resized_crop',
                         lambda img, *a, **k: drawn.append(a[:4]) or real(img, *a, **k))
+    host = views.resized_crop  # the CLIP view is cropped by views.py (the SimCLR ones above, by CropFlipParams)
+    monkeypatch.setattr(views, 'resized_crop', lambda img, crop, *a: drawn.append(tuple(crop)) or host(img, crop, *a))
     ds_worker, ds_bytes = dataset(root, meta, 'device_augment'), dataset(root, meta, 'jpeg')
     for i in range(12):
         drawn.clear()
@@ -240,7 +243,7 @@ def test_a_jpeg_that_fails_only_in_the_main_process_is_remade_as_the_per_sample_
     root, meta = with_bad
     monkeypatch.setattr(datasets, 'warn_bad', lambda message: None)
     ds = dataset(root, meta, 'jpeg')
-    ds.source.load = TrustingLoader()
+    ds.source.load = TrustingLoader(lazy=True)  # as send_encoded installs it for a map-style dataset
     loader = torch.utils.data.DataLoader(main_script.EpochIndexed(ds), batch_size=8, collate_fn=augment.Batch.collate,
                                          sampler=[(1, i) for i in range(8)])
     sent = next(iter(loader))
@@ -362,7 +365,8 @@ def test_main_trains_on_wds_shards_with_decode_device_cpu(tmp_path, decoded):
 def test_sigkill_and_restart_with_decode_device_cpu_equals_uninterrupted_bitwise(with_bad, tmp_path,
                                                                                    sigkill_and_rerun):
     root, meta = with_bad
-    extra = ['--epochs', 2, '--save-every-steps', 1, '--max-bad-fraction', 0.5, '--update-freq', 2, '--batch-size', 2]
+    # 2 bad images of 8: a resumed half-epoch may draw mostly bad ones, and this test is about resume, not the limit
+    extra = ['--epochs', 2, '--save-every-steps', 1, '--max-bad-fraction', 0.9, '--update-freq', 2, '--batch-size', 2]
     cmd, env = _cli(tmp_path / 'ref', root, meta, extra)
     subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True)
     cmd, env = _cli(tmp_path / 'killed', root, meta, extra)
@@ -379,6 +383,6 @@ def test_bench_data_measures_the_decode_configuration(tmp_path):
             '--decode-device', 'cpu', '--device', 'cpu']
     rows = bench.main(argparse.ArgumentParser(parents=[bench.get_args_parser()]).parse_args([str(a) for a in argv]))
     assert [r['config'] for r in rows] == ['fast', 'fast+device_augment', 'decode=cpu']
-    assert all(r['samples_per_s'] > 0 and r['host_cpu_ms_per_sample'] > 0 for r in rows)
+    assert all(r['samples_per_s'] > 0 and r['host_cpu_s_per_sample'] > 0 for r in rows)
     assert rows[2]['device_ms_per_sample'] > rows[2]['decode_views_ms_per_sample'] > 0
-    assert rows[2]['device_ms_per_256'] > 0 and rows[1]['device_ms_per_256'] is None
+    assert rows[1]['decode_views_ms_per_sample'] is None  # the decode is timed for the decode configuration only

@@ -23,7 +23,8 @@ LAYERS: Dict[str, str] = {
     # middle: models, losses, data, the training engine and its long-run parts, the model zoo
     'engine': MIDDLE, 'guard': MIDDLE, 'checkpoints': MIDDLE, 'faults': MIDDLE,
     'models': MIDDLE, 'towers': MIDDLE, 'losses': MIDDLE, 'zoo': MIDDLE,
-    'datasets': MIDDLE, 'device_decode': MIDDLE, 'samples': MIDDLE, 'wds_data': MIDDLE, 'demo_data': MIDDLE, 'downstream': MIDDLE,
+    'datasets': MIDDLE, 'device_decode': MIDDLE, 'samples': MIDDLE, 'wds_data': MIDDLE, 'demo_data': MIDDLE,
+    'downstream': MIDDLE,
     # floor: what everything may use
     'augment': FLOOR, 'views': FLOOR, 'metadata': FLOOR, 'utils': FLOOR,
 }
