@@ -159,7 +159,8 @@ def bench_data(args):
              'num_samples': n, 'samples_per_s': n / statistics.median(times[name]),
              'host_cpu_s_per_sample': statistics.median(cpu[name]) / n,
              'device_ms_per_sample': statistics.median(finish[name]) / n * 1e3 if finish[name] else None,
-             'decode_views_ms_per_sample': statistics.median(decode[name]) / n * 1e3 if decode[name] else None}
+             'decode_views_ms_per_sample': statistics.median(decode[name]) / n * 1e3 if decode[name] else None,
+             'device_ms_per_256': statistics.median(finish[name]) / n * 256e3 if decode[name] else None}
             for name, _, _ in configs]
     for row, (name, ds, _) in zip(rows, configs):
         if name == 'fast' and args.profile:

@@ -24,11 +24,11 @@ for model in SLIP_VITS16 SLIP_VITB16; do
 done
 $PY bench_save.py --model SLIP_VITB16 --device cuda --saves 3
 # --- --decode-device (issue 18): the workers send JPEG bytes and drawn crops; nvJPEG decodes the batch and the GPU
-# makes the views. Host CPU ms per sample of every path and GPU ms per 256 samples (device_ms_per_256; the decode,
-# crop and resize alone: decode_views_ms_per_sample), then end-to-end SLIP_VITB16 training samples/s with each path
-# at 8 and 16 workers: the last progress line of the second epoch (persistent workers, steady state) on the fixture.
+# makes the views. Host CPU seconds per sample of every path (host_cpu_s_per_sample, the original's beside them) and
+# GPU ms per 256 samples (device_ms_per_256; the decode, crop and resize alone: decode_views_ms_per_sample), then
+# end-to-end SLIP_VITB16 training samples/s with each path at 8 and 16 workers: the last progress line of the second epoch (persistent workers, steady state) on the fixture.
 $PY bench.py data --dataset yfcc15m --root /tmp/yfcc_bench --metadata /tmp/yfcc_bench/yfcc.pkl --model SLIP_VITB16 \
-  --workers 16 --num-samples 4000 --make-fixture --device-augment --decode-device cuda --device cuda
+  --workers 16 --num-samples 4000 --make-fixture --compare --device-augment --decode-device cuda --device cuda
 for workers in 8 16; do
   for decode in worker cuda; do
     out=/tmp/slip_e2e_${decode}_${workers}
