@@ -44,6 +44,7 @@ CACHE_SUFFIX = '.slipmeta'
 _MAGIC, _END_MAGIC, _ALIGN = b'SLIPMETA', b'SLIPEND\0', 64
 _TRAILER = struct.Struct('<QQ8s')  # header offset, header length, end magic
 _TEXT = ('utf-8', 'surrogatepass')  # json may hold lone surrogates: they round-trip exactly
+PACK_CHUNK = 1 << 18  # records packed at a time while a cache is built (each chunk advances its progress line)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -210,16 +211,15 @@ def _int_column(values, n: int, path: str, what: str) -> np.ndarray:
 
 
 def _pack_captions(records: Sequence, captions_of: Callable[[Any], Sequence[str]],
-                   counter: Optional[progress.Progress], chunk: int = 1 << 18) -> Tuple[np.ndarray, np.ndarray]:
-    """_pack_strings of every record's captions in order, ``chunk`` records at a time, each chunk counted on
-    ``counter``: the same arrays as one _pack_strings call, with progress that covers the whole packing."""
-    offsets, data, base = [np.zeros(1, np.int64)], [np.zeros(0, np.uint8)], 0
-    for start in range(0, len(records), chunk):
-        part = records[start:start + chunk]
+                   counter: Optional[progress.Progress]) -> Tuple[np.ndarray, np.ndarray]:
+    """One _pack_strings of all the records' captions (the same arrays), PACK_CHUNK records at a time: ``counter``
+    counts the records as they are packed, and no string of all the captions is ever built."""
+    offsets, data = [np.zeros(1, np.int64)], [np.zeros(0, np.uint8)]
+    for start in range(0, len(records), PACK_CHUNK):
+        part = records[start:start + PACK_CHUNK]
         off, raw = _pack_strings([c for r in part for c in captions_of(r)])
-        offsets.append(off[1:] + base)
+        offsets.append(off[1:] + offsets[-1][-1])  # after the bytes of the chunks before
         data.append(raw)
-        base += len(raw)
         if counter is not None:
             counter.update(len(part))
     return np.concatenate(offsets), np.concatenate(data)
@@ -462,11 +462,7 @@ def load_metadata(dataset: str, path: str, cache_dir: Optional[str] = None) -> C
         return CompactMetadata.from_records(dataset, parse_metadata(dataset, path), path)
     with lock:
         try:
-            try:
-                fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:  # another process is building it: say so, then wait (its progress is its own)
-                logger.info('waiting for the process that holds %s.lock (building or checking it)', target)
-                fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # the other ranks wait here while one builds
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # the other ranks wait here while one builds
         except OSError:
             pass  # no locks on this filesystem: several processes may build; the rename keeps it safe
         try:

@@ -110,7 +110,7 @@ class Progress:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
+        if exc_type is None or self.finished:  # an error after finish() is not this job's to report
             self.finish()
             return
         self.finished = True
