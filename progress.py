@@ -3,7 +3,7 @@
 Slurm writes a job's output to a file, so progress is a plain line now and then in the style of pre-training's
 lines (engine._report), never a redrawn bar::
 
-    imagenet [12,800/50,000 images]  412.3 images/s  ETA 0:01:55
+    imagenet [12,800/50,000 images]  412 images/s  ETA 0:01:55
     make_dataset [2,000,000 lines]  35,100 lines/s  1.2 GB of 54.3 GB (2.2%)  ETA 0:42:10  kept 301,222
 
 A line is printed at most every ``interval`` seconds (default: the ``SLIP_PROGRESS_SECONDS`` environment variable,
@@ -33,6 +33,7 @@ def eta(done: float, left: float, elapsed: float) -> float:
 
 
 def format_eta(seconds: float) -> str:
+    """H:MM:SS, or '?' for an ETA not known yet."""
     return utils.format_seconds(seconds) if seconds != float('inf') else '?'
 
 

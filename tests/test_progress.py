@@ -12,6 +12,7 @@ import torch
 import eval_zeroshot as ez
 import make_dataset
 import metadata
+import models
 import progress
 import utils
 from test_eval_zeroshot import COLORS, make_assets, write_image
@@ -210,9 +211,9 @@ def test_retrieval_prints_images_and_captions_encoded(tmp_path, logs, every_upda
     catalog = {'flickr': {'path': str(tmp_path), 'type': 'retrieval_karpathy', 'images': 'imgs',
                           'captions': 'karpathy.json'}}
     torch.manual_seed(0)
-    import models
     ez.zeroshot_dataset(models.create_model('CLIP_TINY'), 'flickr', (catalog, {}, {}), tokenizer, 'cpu', 2, 0)
     counts = [m.split(']')[0] for m in logs if m.startswith('flickr [')]
     assert counts == ['flickr [2/3 images', 'flickr [3/3 images']
     captions = [m for m in logs if m.startswith('flickr captions [')]
-    assert [m.split(']')[0] for m in captions] == [f'flickr captions [{k}/15 texts' for k in (2, 4, 6, 8, 10, 12, 14, 15)]
+    assert [m.split(']')[0] for m in captions] == [f'flickr captions [{k}/15 texts'
+                                                   for k in (2, 4, 6, 8, 10, 12, 14, 15)]  # batches of 2, the end
