@@ -38,6 +38,7 @@ import torch.nn as nn
 
 import augment
 import device_decode
+import progress
 import utils
 from utils import logger
 
@@ -390,8 +391,8 @@ def _report(engine, meters, counts, args, epoch, step, iters, wait, t_epoch, fir
     meters.update(n=n * args.batch_size * engine.update_freq, **values)
     elapsed = time.perf_counter() - t_epoch
     done = step + 1 - first_step
-    samples_s = done * args.batch_size * engine.update_freq * args.world_size / max(elapsed, 1e-9)
-    eta = elapsed / done * ((iters - step - 1) + iters * (args.epochs - epoch - 1))
+    samples_s = progress.rate(done * args.batch_size * engine.update_freq * args.world_size, elapsed)
+    eta = progress.eta(done, (iters - step - 1) + iters * (args.epochs - epoch - 1), elapsed)  # steps left, in s
     lr = engine.optimizer.param_groups[0]['lr']
     logger.info('Epoch [%d][%d/%d] %s  lr %.3g  %.1f samples/s  data %.0f%%  ETA %s  mem %.2f GB  bad %d', epoch,
                 step + 1, iters, meters, lr, samples_s, 100 * wait / max(elapsed, 1e-9), utils.format_seconds(eta),

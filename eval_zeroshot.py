@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 import datasets
 import models
+import progress
 import utils
 import zoo
 from utils import logger
@@ -147,13 +148,19 @@ def eval_mode(model: torch.nn.Module):
         model.train(was_training)
 
 
-def encode_texts(net, tokenizer, texts: Sequence[str], device, precision: str, batch_size: int = 1024):
-    """L2-normalised text embeddings [N, E], computed in batches."""
+def encode_texts(net, tokenizer, texts: Sequence[str], device, precision: str, batch_size: int = 1024,
+                 what: Optional[str] = None):
+    """L2-normalised text embeddings [N, E], computed in batches (with progress lines headed ``what`` if given)."""
     feats = []
+    counter = progress.Progress(what, len(texts), 'texts') if what else None
     for i in range(0, len(texts), batch_size):
         tokens = tokenizer(list(texts[i:i + batch_size])).to(device)
         with utils.autocast(precision, device):
             feats.append(F.normalize(net.encode_text(tokens).float(), dim=-1))
+        if counter is not None:
+            counter.update(len(tokens))
+    if counter is not None:
+        counter.finish()
     return torch.cat(feats) if feats else torch.empty(0, net.text_projection.shape[1], device=device)
 
 
@@ -200,22 +207,25 @@ def gather_shards(local: torch.Tensor, total: int) -> torch.Tensor:
     return out
 
 
-def encode_images(net, dataset, device, precision: str, batch_size: int, workers: int, with_targets: bool = True):
-    """Normalised image embeddings of the whole dataset [N, E] (and targets [N]), sharded over ranks and gathered."""
+def encode_images(net, dataset, device, precision: str, batch_size: int, workers: int, with_targets: bool = True,
+                  what: str = 'encoding'):
+    """Normalised image embeddings of the whole dataset [N, E] (and targets [N]), sharded over ranks and gathered.
+
+    Progress lines headed ``what`` count rank 0's shard (read, decode, forward): images, images/s and ETA.
+    """
     feats, targets = [], []
     loader = torch.utils.data.DataLoader(shard(dataset), batch_size=batch_size, shuffle=False, num_workers=workers,
                                          pin_memory=device.type == 'cuda')
-    start = time.perf_counter()
-    for batch in loader:
-        images = (batch[0] if with_targets else batch).to(device, non_blocking=True)
-        with utils.autocast(precision, device):
-            feats.append(F.normalize(net.encode_image(images).float(), dim=-1))
-        if with_targets:
-            targets.append(torch.as_tensor(batch[1]).to(device))
-    seconds = time.perf_counter() - start
-    n_local = sum(len(f) for f in feats)
-    utils.logger.info('encoded %d images in %.1f s: %.2f images/s per process (read, decode, forward)', n_local,
-                      seconds, n_local / max(seconds, 1e-9))
+    world = utils.get_world_size()
+    what = f'{what} (shard 1 of {world})' if world > 1 else what
+    with progress.Progress(what, len(loader.dataset), 'images') as counter:
+        for batch in loader:
+            images = (batch[0] if with_targets else batch).to(device, non_blocking=True)
+            with utils.autocast(precision, device):
+                feats.append(F.normalize(net.encode_image(images).float(), dim=-1))
+            if with_targets:
+                targets.append(torch.as_tensor(batch[1]).to(device))
+            counter.update(len(images))
     dim = net.image_projection.shape[1]
     feats = gather_shards(torch.cat(feats) if feats else torch.empty(0, dim, device=device), len(dataset))
     if not with_targets:
@@ -340,11 +350,12 @@ def evaluate_retrieval(net, name: str, entry: Dict, tokenizer, device, batch_siz
                        precision: str, image_size: int) -> Dict[str, float]:
     paths, captions = load_retrieval_split(name, entry)
     image_feats = encode_images(net, ImageList(paths, eval_transform(image_size)), device, precision, batch_size,
-                                workers, with_targets=False)
+                                workers, with_targets=False, what=name)
     texts = [c for caps in captions for c in caps]
     owner = [i for i, caps in enumerate(captions) for _ in caps]
     local = texts[utils.get_rank()::utils.get_world_size()]  # this rank's captions, like shard()
-    text_feats = gather_shards(encode_texts(net, tokenizer, local, device, precision, batch_size), len(texts))
+    text_feats = gather_shards(encode_texts(net, tokenizer, local, device, precision, batch_size,
+                                            what=f'{name} captions'), len(texts))
     out = retrieval_recall(image_feats, text_feats, owner)
     out['metric'] = float(np.mean(list(out.values())))  # mean recall over both directions and K
     return out
@@ -379,7 +390,7 @@ def zeroshot_dataset(model, name: str, assets, tokenizer, device, batch_size: in
             raise ValueError(f'{name}: the dataset has {len(dataset.classes)} classes but labels.json '
                              f'[{label_key!r}] lists {len(classnames)}')
         classifier = build_classifier(net, tokenizer, classnames, templates[template_key], device, precision)
-        feats, targets = encode_images(net, dataset, device, precision, batch_size, workers)
+        feats, targets = encode_images(net, dataset, device, precision, batch_size, workers, what=name)
         logits = feats @ classifier.T  # [N, C] cosine similarities, no logit scale (argmax-invariant)
     return classification_metrics(logits, targets, entry.get('metric', METRICS.get(base, 'top1')))
 
@@ -417,7 +428,8 @@ def main(args) -> Dict[str, Optional[float]]:
     tokenizer = utils.Tokenizer()
     results: Dict[str, Optional[float]] = {}
     rows = []
-    for name in names:
+    for k, name in enumerate(names, 1):
+        logger.info('set %d of %d: %s', k, len(names), name)
         start = time.time()
         try:
             stats = zeroshot_dataset(model, name, assets, tokenizer, device, args.batch_size, args.workers,

@@ -17,15 +17,17 @@ downloaded id found in the dump. Both are written atomically. With ``--metadata-
 yfcc15m.pkl is written there too (what main.py ``--metadata-cache DIR`` would otherwise build at its first start).
 """
 import argparse
+import functools
 import os
 import pickle
 import re
-from typing import Iterable, List, Set, Tuple
+from typing import Iterable, List, Optional, Set, Tuple
 from urllib.parse import unquote
 
 import numpy as np
 
 import metadata
+import progress
 
 _HTML_TAGS = re.compile(r'<a\b[^>]*>|</a>|<b>|</b>|<i>|</i>', re.IGNORECASE)
 _URLS = re.compile(r'(?:http|www)\S*')  # from http/www to the next space, as the original cleaning did
@@ -57,9 +59,9 @@ def read_subset_ids(path: str) -> Set[int]:
     return ids
 
 
-def select_captions(lines: Iterable[str], downloaded: Set[int], subset: Set[int],
-                    source: str = '<metadata>') -> Tuple[List[Tuple[int, str, str]], List[int]]:
-    """Pick the subset's downloaded photos from YFCC100M metadata lines.
+def select_captions(lines: Iterable[str], downloaded: Set[int], subset: Set[int], source: str = '<metadata>',
+                    counter: Optional[progress.Progress] = None) -> Tuple[List[Tuple[int, str, str]], List[int]]:
+    """Pick the subset's downloaded photos from YFCC100M metadata lines (``counter`` counts the lines read).
 
     Returns:
         (captioned, downloaded_ids): ``(photo_id, clean title, clean description)`` for downloaded photos of the
@@ -67,6 +69,8 @@ def select_captions(lines: Iterable[str], downloaded: Set[int], subset: Set[int]
     """
     captioned, seen = [], []
     for n, line in enumerate(lines):
+        if counter is not None:
+            counter.update()
         row = line.rstrip('\n').split('\t')
         if not row[0].strip():
             continue
@@ -79,6 +83,8 @@ def select_captions(lines: Iterable[str], downloaded: Set[int], subset: Set[int]
         seen.append(photo_id)
         if photo_id in subset:
             captioned.append((photo_id, clean_caption(row[8]), clean_caption(row[9])))
+            if counter is not None:
+                counter.fields['kept'] = len(captioned)  # shown on the next progress line
     return captioned, seen
 
 
@@ -110,8 +116,11 @@ def main(args: argparse.Namespace) -> None:
     downloaded = set(ids.tolist())
     subset = read_subset_ids(args.subset)
     print(f'=> {len(downloaded)} downloaded ids, {len(subset)} ids in the subset')
-    with open(args.metadata, encoding='utf-8', errors='replace') as f:
-        captioned, seen = select_captions(f, downloaded, subset, args.metadata)
+    say = functools.partial(print, flush=True)  # flushed: Slurm's output is a file, block-buffered otherwise
+    with open(args.metadata, encoding='utf-8', errors='replace') as f, progress.Progress(
+            'make_dataset', unit='lines', size=os.path.getsize(args.metadata), position=f.buffer.tell, log=say) as c:
+        c.fields['kept'] = 0
+        captioned, seen = select_captions(f, downloaded, subset, args.metadata, c)
     _dump(captioned, os.path.join(args.output_dir, 'yfcc15m.pkl'))
     _dump(seen, os.path.join(args.output_dir, 'yfcc100m.pkl'))
     if args.metadata_cache:

@@ -29,10 +29,13 @@ import pickle
 import re
 import struct
 import tempfile
+import time
 import zlib
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+import progress
 
 logger = logging.getLogger('slip')
 FORMATS = ('yfcc15m', 'cc3m', 'cc12m', 'coco', 'redcaps')
@@ -41,6 +44,7 @@ CACHE_SUFFIX = '.slipmeta'
 _MAGIC, _END_MAGIC, _ALIGN = b'SLIPMETA', b'SLIPEND\0', 64
 _TRAILER = struct.Struct('<QQ8s')  # header offset, header length, end magic
 _TEXT = ('utf-8', 'surrogatepass')  # json may hold lone surrogates: they round-trip exactly
+PACK_CHUNK = 1 << 18  # records packed at a time while a cache is built (each chunk advances its progress line)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -206,6 +210,21 @@ def _int_column(values, n: int, path: str, what: str) -> np.ndarray:
         raise ValueError(f'{path}: a {what} does not fit in 64 bits ({e})') from e
 
 
+def _pack_captions(records: Sequence, captions_of: Callable[[Any], Sequence[str]],
+                   counter: Optional[progress.Progress]) -> Tuple[np.ndarray, np.ndarray]:
+    """One _pack_strings of all the records' captions (the same arrays), PACK_CHUNK records at a time: ``counter``
+    counts the records as they are packed, and no string of all the captions is ever built."""
+    offsets, data = [np.zeros(1, np.int64)], [np.zeros(0, np.uint8)]
+    for start in range(0, len(records), PACK_CHUNK):
+        part = records[start:start + PACK_CHUNK]
+        off, raw = _pack_strings([c for r in part for c in captions_of(r)])
+        offsets.append(off[1:] + offsets[-1][-1])  # after the bytes of the chunks before
+        data.append(raw)
+        if counter is not None:
+            counter.update(len(part))
+    return np.concatenate(offsets), np.concatenate(data)
+
+
 class CompactMetadata:
     """One metadata file as flat arrays; ``self[i]`` is record i in ``parse_metadata``'s form (ids as int).
 
@@ -222,25 +241,27 @@ class CompactMetadata:
         self._n = len(self._rec) - 1 if self._rec is not None else (len(self._cap_off) - 1) // per
 
     @classmethod
-    def from_records(cls, dataset: str, records: Sequence, path: str = '<records>') -> 'CompactMetadata':
+    def from_records(cls, dataset: str, records: Sequence, path: str = '<records>',
+                     counter: Optional[progress.Progress] = None) -> 'CompactMetadata':
+        """Pack parse_metadata's records; ``counter`` counts them as their captions are packed."""
         n, arrays = len(records), {}
         if dataset == 'yfcc15m':
             arrays['ids'] = _int_column((r[0] for r in records), n, path, 'photo_id')
-            captions, per = [c for r in records for c in (r[1], r[2])], 2
+            captions_of, per = (lambda r: (r[1], r[2])), 2
         elif dataset == 'redcaps':
             for k, name in enumerate(('subreddit', 'image_id')):
                 arrays[f'{name}.off'], arrays[f'{name}.data'] = _pack_strings([r[k] for r in records])
-            captions, per = [r[2] for r in records], 1
+            captions_of, per = (lambda r: (r[2],)), 1
         else:
             if dataset == 'coco':
                 arrays['ids'] = _int_column((r[0] for r in records), n, path, 'image_id')
             else:
                 arrays['path.off'], arrays['path.data'] = _pack_strings([r[0] for r in records])
             counts = np.fromiter((len(r[1]) for r in records), np.int64, n)
-            captions, per = [c for r in records for c in r[1]], None
+            captions_of, per = (lambda r: r[1]), None
             arrays['cap.rec'] = np.zeros(n + 1, np.int64)
             np.cumsum(counts, out=arrays['cap.rec'][1:])
-        arrays['cap.off'], arrays['cap.data'] = _pack_strings(captions)
+        arrays['cap.off'], arrays['cap.data'] = _pack_captions(records, captions_of, counter)
         return cls(dataset, arrays, per)
 
     def __len__(self) -> int:
@@ -449,7 +470,12 @@ def load_metadata(dataset: str, path: str, cache_dir: Optional[str] = None) -> C
         except CacheRejected:
             pass
         logger.info('building the metadata cache %s from %s (%s)', target, path, reason)
-        compact = CompactMetadata.from_records(dataset, parse_metadata(dataset, path), path)
+        start = time.monotonic()
+        records = parse_metadata(dataset, path)
+        logger.info('read %s records of %s in %.1f s', f'{len(records):,}', path, time.monotonic() - start)
+        with progress.Progress(f'metadata cache {dataset}', len(records), 'records') as counter:
+            compact = CompactMetadata.from_records(dataset, records, path, counter)
+        del records
         if source_key(dataset, path) != key:
             logger.warning('%s changed while it was read: not caching it', path)
             return compact
