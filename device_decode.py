@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import augment
+import batch_views
 import samples
 from augment import Batch
 from samples import IMAGE_ERRORS, BadImage, PairMaker
@@ -348,11 +349,20 @@ def crop_views(images: Sequence[torch.Tensor], crops: torch.Tensor,
                uint8: Optional[bool] = None) -> Dict[str, torch.Tensor]:
     """Each view of each image: crop, antialiased bilinear resize, flip -> {view: uint8 [B, S, S, 3]}.
 
-    ``uint8`` (default: on the CPU) resizes the uint8 pixels directly with torch's PIL-like fixed-point kernel
-    (about 3x faster there than float); otherwise in float32, rounded to uint8 after (CUDA's kernel is float only).
-    Both stay within one level of PIL's resize (tests/test_device_decode.py)."""
+    By default on the CPU (``uint8``) crop by crop with torch's PIL-like fixed-point kernel on the uint8 pixels
+    (``crop_views_each``: there several times cheaper than the dense products); elsewhere every crop of the batch at
+    once (batch_views.resize_views: a few kernels whatever the batch size). Both stay within the tolerance of
+    batch_views' docstring of PIL's resize (tests/test_batch_views.py, tests/test_device_decode.py)."""
     if uint8 is None:
         uint8 = images[0].device.type == 'cpu'
+    if uint8:
+        return crop_views_each(images, crops, uint8=True)
+    return batch_views.resize_views(batch_views.pad_images(images), crops, Batch.VIEWS)
+
+
+def crop_views_each(images: Sequence[torch.Tensor], crops: torch.Tensor, uint8: bool) -> Dict[str, torch.Tensor]:
+    """crop_views one crop at a time: ``F.interpolate(bilinear, antialias=True)`` per crop, on the uint8 pixels
+    (``uint8``) or in float32 rounded to uint8 after (the per-crop path bench.py data compares against)."""
     rows = crops.tolist()
     views = {}
     for v, name in enumerate(Batch.VIEWS):

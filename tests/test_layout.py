@@ -26,7 +26,7 @@ LAYERS: Dict[str, str] = {
     'datasets': MIDDLE, 'device_decode': MIDDLE, 'samples': MIDDLE, 'wds_data': MIDDLE, 'demo_data': MIDDLE,
     'downstream': MIDDLE,
     # floor: what everything may use
-    'augment': FLOOR, 'views': FLOOR, 'metadata': FLOOR, 'utils': FLOOR,
+    'augment': FLOOR, 'views': FLOOR, 'batch_views': FLOOR, 'metadata': FLOOR, 'utils': FLOOR,
 }
 
 
