@@ -37,9 +37,11 @@ class WebDatasetPairs(torch.utils.data.IterableDataset):
 
     RECENT = 16  # recently drawn samples: the replacement pool for a bad image when the buffer is empty
 
-    def __init__(self, urls: str, num_samples: Optional[int], family: str, transforms: Sequence[Callable],
+    def __init__(self, urls: str, num_samples: Optional[int], family: Optional[str] = None,
+                 transforms: Sequence[Callable] = (),
                  tokenizer: Optional[Callable] = None, seed: int = 0, batch_size: int = 1,
-                 shuffle_buffer: int = 1000, **masks):
+                 shuffle_buffer: int = 1000, maker: Optional[PairMaker] = None, load: Optional[Callable] = None,
+                 **masks):
         from webdataset.shardlists import expand_urls
 
         if not num_samples or int(num_samples) <= 0:
@@ -53,8 +55,8 @@ class WebDatasetPairs(torch.utils.data.IterableDataset):
             raise FileNotFoundError(f'{len(missing)} of {len(self.shards)} shards of {urls!r} not found: {missing[:3]}')
         self.num_samples = int(num_samples)
         self.rank, self.world_size = utils.get_rank(), utils.get_world_size()
-        self.maker = PairMaker(family, transforms, tokenizer, seed, **masks)
-        self.load = load_image  # (file object, name) -> image; --decode-device reads the bytes instead
+        self.maker = maker if maker is not None else PairMaker(family, transforms, tokenizer, seed, **masks)
+        self.load = load or load_image  # (file object, name) -> image; --decode-device: device_decode.EncodedLoader
         self.shuffle_buffer = int(shuffle_buffer)
         self.batch_size, self.start_batch = int(batch_size), 0
 
