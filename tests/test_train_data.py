@@ -81,3 +81,15 @@ def test_the_workers_format_follows_decode_device_and_device_augment(flags, expe
 
 def test_main_keeps_its_sampler_names():
     assert main_script.EpochSampler is train_data.EpochSampler and main_script.EpochIndexed is train_data.EpochIndexed
+
+
+def test_bench_input_times_each_stage_of_the_decode_path_apart(cc3m):
+    import bench_input
+    root, meta = cc3m
+    batches, sampler, _ = train_data.build_train_loader(loader_args(root, meta), id_tokenizer, torch.device('cpu'))
+    sampler.set_epoch(0)
+    raw = list(batches.loader)[:2]
+    row = bench_input.stage_rows(raw, batches.dataset, torch.device('cpu'), 'cpu')
+    stages = ('decode', 'crops_batched', 'crops_per_crop', 'colour_blur')
+    assert all(row[f'{k}_ms_per_256'] > 0 for k in stages)
+    assert row['overlap'] is None and row['per_crop_kind'] == 'uint8 kernel'  # no streams on the CPU
