@@ -1,8 +1,7 @@
 """Every view of a batch cropped, resized and flipped at once: a few tensor operations however large the batch.
 
-``resize_views(images, heights, widths, crops)`` takes the batch's decoded images padded into one tensor
-[B, 3, H, W] (float, 0-255; each image in its top-left corner, its size in ``heights``/``widths``) and the drawn
-crops [B, V, 6] (device_decode.CROP_FIELDS: top, left, height, width, flip, output size; size 0: no such view) and
+``resize_views(images, crops, names)`` takes the batch's decoded images padded into one tensor (``pad_images``:
+float 0-255, each image in its top-left corner) and the drawn crops [B, V, 6] (device_decode.CROP_FIELDS: top, left, height, width, flip, output size; size 0: no such view) and
 returns each view as uint8 [B, S, S, 3].
 
 How: PIL's antialiased bilinear resize (the filter torchvision's RandomResizedCrop uses on a PIL image, and
@@ -48,13 +47,15 @@ def resize_weights(start: torch.Tensor, length: torch.Tensor, full: int, size: i
 
 def resize_views(images: torch.Tensor, crops: torch.Tensor, names: Sequence[str]) -> Dict[str, torch.Tensor]:
     """{name: uint8 [B, S, S, 3]} for each view ``v`` (``names[v]``) whose crops [B, V, 6] have a size; ``images``
-    float [B, 3, H, W] holding 0-255 (padded: the crops never reach the padding); ``crops`` on the host (the output
-    sizes are read there; the rest is copied to the images' device)."""
+    from ``pad_images``: float [B, H, 3, W] holding 0-255, each image's rows of channel planes (the crops never
+    reach the padding); ``crops`` on the host (the output sizes are read there; the rest is copied to the images'
+    device). Two batched matrix products per view, no broadcast copies."""
     if crops.device.type != 'cpu':
         raise ValueError('resize_views reads the views\' output sizes on the host: pass the crops on the CPU')
-    B, _, H, W = images.shape
+    B, H, C, W = images.shape
     sizes = crops[0, :, CROP_SIZE].tolist()
     crops = crops.to(images.device, non_blocking=True)
+    rows_of_planes = images.view(B, H, C * W)
     out = {}
     for v, name in enumerate(names):
         size = int(sizes[v])
@@ -63,17 +64,18 @@ def resize_views(images: torch.Tensor, crops: torch.Tensor, names: Sequence[str]
         c = crops[:, v]
         wy = resize_weights(c[:, CROP_TOP], c[:, CROP_H], H, size)  # [B, S, H]
         wx = resize_weights(c[:, CROP_LEFT], c[:, CROP_W], W, size, flip=c[:, CROP_FLIP])  # [B, S, W]
-        x = torch.matmul(wy[:, None], images)  # [B, 3, S, W]: the rows
-        x = torch.matmul(x, wx[:, None].transpose(-1, -2))  # [B, 3, S, S]: the columns
-        out[name] = x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+        x = torch.bmm(wy, rows_of_planes)  # [B, S, C W]: the rows
+        x = torch.bmm(x.view(B, size * C, W), wx.transpose(1, 2))  # [B, S C, S]: the columns
+        out[name] = x.round_().clamp_(0, 255).to(torch.uint8).view(B, size, C, size).permute(0, 1, 3, 2)
     return out
 
 
 def pad_images(images: Sequence[torch.Tensor], dtype=torch.float32) -> torch.Tensor:
-    """uint8 images [3, H_i, W_i] -> one tensor [B, 3, max H, max W] of ``dtype`` with each image in its top-left
-    corner (zeros elsewhere; the crops never reach them). One copy per image: the decoder's output, gathered."""
+    """uint8 images [3, H_i, W_i] -> one tensor [B, max H, 3, max W] of ``dtype`` (rows of channel planes: the layout
+    resize_views multiplies without copies) with each image in its top-left corner (zeros elsewhere; the crops never
+    reach them). One copy per image: the decoder's output, gathered."""
     H, W = max(int(i.shape[1]) for i in images), max(int(i.shape[2]) for i in images)
-    out = torch.zeros(len(images), 3, H, W, dtype=dtype, device=images[0].device)
+    out = torch.zeros(len(images), H, 3, W, dtype=dtype, device=images[0].device)
     for b, img in enumerate(images):
-        out[b, :, :img.shape[1], :img.shape[2]] = img
+        out[b, :img.shape[1], :, :img.shape[2]] = img.permute(1, 0, 2)
     return out
