@@ -58,14 +58,16 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         tokenizer: str -> LongTensor[77] (unused for simclr).
         seed: the run's seed; with the epoch and index it fixes every random choice of a sample.
         masks: PairMaker's ``ssl_keep`` / ``clip_keep`` (token masking of the views).
-        maker: a PairMaker made by the caller instead (family ... masks unused): device_decode's EncodedPairMaker.
+        encode: PairMaker -> the PairMaker used (device_decode's EncodedPairMaker for --decode-device).
     """
 
-    def __init__(self, source: Callable, family: Optional[str] = None, transforms: Sequence[Callable] = (),
+    def __init__(self, source: Callable, family: str, transforms: Sequence[Callable],
                  tokenizer: Optional[Callable] = None, seed: int = 0, name: str = '',
-                 maker: Optional[PairMaker] = None, **masks):
+                 encode: Optional[Callable[[PairMaker], PairMaker]] = None, **masks):
         self.source, self.name = source, name
-        self.maker = maker if maker is not None else PairMaker(family, transforms, tokenizer, seed, **masks)
+        self.maker = PairMaker(family, transforms, tokenizer, seed, **masks)
+        if encode is not None:
+            self.maker = encode(self.maker)
 
     def set_epoch(self, epoch: int) -> None:
         self.maker.set_epoch(epoch)
@@ -148,20 +150,20 @@ def get_train_dataset(args: Any, tokenizer: Optional[Callable],
     image_format = image_format or getattr(args, 'image_format', 'float')
     jpeg = image_format == 'jpeg'  # device_augment's draws, made from the image's size alone
     clip_t, ssl_t, _ = build_transforms(spec.image_size, 'device_augment' if jpeg else image_format, ssl_size)
-    maker = PairMaker(spec.family, (clip_t, ssl_t), tokenizer, getattr(args, 'seed', 0),
-                      ssl_keep=_keep_spec(spec, ssl_size, getattr(args, 'ssl_mask_ratio', 0.0)),
-                      clip_keep=_keep_spec(spec, spec.image_size, getattr(args, 'clip_mask_ratio', 0.0)))
-    load = None
-    if jpeg:  # a map-style dataset validates its images lazily, where the per-sample path decodes them
-        maker = device_decode.EncodedPairMaker(maker, spec.image_size, ssl_size, rerunnable=args.dataset != 'wds')
-        load = device_decode.EncodedLoader(lazy=args.dataset != 'wds')
+    common = dict(family=spec.family, transforms=(clip_t, ssl_t), tokenizer=tokenizer, seed=getattr(args, 'seed', 0),
+                  ssl_keep=_keep_spec(spec, ssl_size, getattr(args, 'ssl_mask_ratio', 0.0)),
+                  clip_keep=_keep_spec(spec, spec.image_size, getattr(args, 'clip_mask_ratio', 0.0)))
+    load, rerunnable = None, args.dataset != 'wds'  # a map-style dataset's samples can be made again
+    if jpeg:  # and it validates its images lazily, where the per-sample path decodes them
+        common['encode'] = lambda maker: device_decode.EncodedPairMaker(maker, spec.image_size, ssl_size, rerunnable)
+        load = device_decode.EncodedLoader(lazy=rerunnable)
     if args.dataset == 'wds':
         return WebDatasetPairs(args.root, getattr(args, 'train_num_samples', None), batch_size=getattr(
-            args, 'batch_size', 1), shuffle_buffer=getattr(args, 'wds_shuffle_buffer', 1000), maker=maker, load=load)
+            args, 'batch_size', 1), shuffle_buffer=getattr(args, 'wds_shuffle_buffer', 1000), load=load, **common)
     if args.dataset == 'demo':
-        return ImageCaptionDataset(DemoSource(getattr(args, 'demo_samples', 20000)), name='demo', maker=maker)
+        return ImageCaptionDataset(DemoSource(getattr(args, 'demo_samples', 20000)), name='demo', **common)
     source = MetadataSource(args.dataset, args.root, args.metadata, getattr(args, 'metadata_cache', None), load)
-    return ImageCaptionDataset(source, name=args.dataset, maker=maker)
+    return ImageCaptionDataset(source, name=args.dataset, **common)
 
 
 # The original's samples, by family: the tuple its training loop unpacks.

@@ -37,11 +37,10 @@ class WebDatasetPairs(torch.utils.data.IterableDataset):
 
     RECENT = 16  # recently drawn samples: the replacement pool for a bad image when the buffer is empty
 
-    def __init__(self, urls: str, num_samples: Optional[int], family: Optional[str] = None,
-                 transforms: Sequence[Callable] = (),
+    def __init__(self, urls: str, num_samples: Optional[int], family: str, transforms: Sequence[Callable],
                  tokenizer: Optional[Callable] = None, seed: int = 0, batch_size: int = 1,
-                 shuffle_buffer: int = 1000, maker: Optional[PairMaker] = None, load: Optional[Callable] = None,
-                 **masks):
+                 shuffle_buffer: int = 1000, load: Optional[Callable] = None,
+                 encode: Optional[Callable[[PairMaker], PairMaker]] = None, **masks):
         from webdataset.shardlists import expand_urls
 
         if not num_samples or int(num_samples) <= 0:
@@ -55,7 +54,9 @@ class WebDatasetPairs(torch.utils.data.IterableDataset):
             raise FileNotFoundError(f'{len(missing)} of {len(self.shards)} shards of {urls!r} not found: {missing[:3]}')
         self.num_samples = int(num_samples)
         self.rank, self.world_size = utils.get_rank(), utils.get_world_size()
-        self.maker = maker if maker is not None else PairMaker(family, transforms, tokenizer, seed, **masks)
+        self.maker = PairMaker(family, transforms, tokenizer, seed, **masks)
+        if encode is not None:  # --decode-device: device_decode.EncodedPairMaker
+            self.maker = encode(self.maker)
         self.load = load or load_image  # (file object, name) -> image; --decode-device: device_decode.EncodedLoader
         self.shuffle_buffer = int(shuffle_buffer)
         self.batch_size, self.start_batch = int(batch_size), 0
