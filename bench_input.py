@@ -177,7 +177,10 @@ def probe_race(device, tries: int) -> List[Dict]:
                 stream.synchronize()
                 corrupted += int((read != 7).any())
                 del out, read
-        rows.append({'probe': 'race', 'decode': name, 'tries': tries, 'corrupted': corrupted})
+        ours = jpeg_decoders.jpeg_decoder(device)
+        decoder = ('nvimgcodec' if isinstance(ours, jpeg_decoders.NvImageCodec) else 'torchvision') + ' + sync' \
+            if name == 'ours' else 'torchvision decode_jpeg, no sync'
+        rows.append({'probe': 'race', 'decode': decoder, 'tries': tries, 'corrupted': corrupted})
     return rows
 
 

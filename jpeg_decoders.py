@@ -8,8 +8,8 @@ as the per-sample path does, or replaces it).
   * CUDA, with nvImageCodec installed (``pip install nvidia-nvimgcodec-cu13``, an optional dependency imported only
     here): its batched decoder with libjpeg's "fancy" chroma upsampling (option ``:fancy_upsampling=1``) and without
     EXIF rotation (PIL does not rotate either). The decode is put on the current CUDA stream; the decoded images'
-    own memory is kept alive until the next batch's decode, by which time the stream has used it (the caller
-    synchronises the stream before each decode: see below).
+    own memory, and the bytes, are kept alive until the next batch's decode, which first synchronises the stream
+    (see below), so nothing queued still reads them when they go.
   * CUDA without it: torchvision's batched nvJPEG decode, whose 4:2:0 chroma is upsampled without libjpeg's
     interpolation (6 levels from PIL's pixels on average on photo-like 4:2:0 JPEGs, measured on an H200:
     ../shared/gpu/README.md); logged once.
@@ -64,7 +64,7 @@ class NvImageCodec:
         stream.synchronize()  # see the module docstring; the previous batch's images are now free to go
         streams = [self.nv.CodeStream(c.numpy()) for c in chunks]
         decoded = self.decoder.decode(streams, params=self.params, cuda_stream=stream.cuda_stream)
-        self.alive = decoded  # their memory is read by kernels queued on ``stream`` after this call
+        self.alive = (decoded, streams, chunks)  # the outputs are read, the inputs may be, by work queued on ``stream``
         out = []
         for img in decoded:
             if img is None:

@@ -29,7 +29,7 @@ class WebDatasetPairs(torch.utils.data.IterableDataset):
     views and caption come from (seed, epoch, shard, position). A bad image is replaced by a sample drawn from the
     buffer (counted in ``n_bad``), so positions never depend on decoding.
 
-    ``set_epoch(epoch, start_batch, batch_size)`` has main.py's EpochSampler interface: a run resumed after
+    ``set_epoch(epoch, start_batch, batch_size)`` has train_data.EpochSampler's interface: a run resumed after
     ``start_batch`` batches of the epoch skips, in each worker and without decoding, the samples that worker had
     delivered, and continues bitwise as the uninterrupted run would (the number of workers must then be the same).
     Rank and world size are read at construction (build it after utils.init_distributed_mode).

@@ -93,3 +93,24 @@ def test_bench_input_times_each_stage_of_the_decode_path_apart(cc3m):
     stages = ('decode', 'crops_batched', 'crops_per_crop', 'colour_blur')
     assert all(row[f'{k}_ms_per_256'] > 0 for k in stages)
     assert row['overlap'] is None and row['per_crop_kind'] == 'uint8 kernel'  # no streams on the CPU
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU (bench_gpu.sh runs it there)')
+def test_on_cuda_the_side_stream_batches_equal_the_plain_paths_bitwise(cc3m):
+    root, meta = cc3m
+    args = loader_args(root, meta, decode_device='cuda')
+    device = torch.device('cuda')
+
+    def run(prefetch):
+        batches, sampler, _ = train_data.build_train_loader(args, id_tokenizer, device)
+        batches.prefetch = prefetch
+        batches.loader.dataset.dataset.source.load = TrustingLoader(lazy=True)
+        sampler.set_epoch(1)
+        out = []
+        for batch in batches:
+            torch.cuda._sleep(1_000_000)  # a slow step on the training stream while the next batch is made
+            out.append((batch.apply(lambda t: t.cpu()), torch.zeros(2)))
+        return out
+    plain, ahead = run(False), run(True)
+    assert plain[0][0].aug1.dtype == torch.float32
+    assert_same(plain, ahead)
