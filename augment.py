@@ -225,14 +225,15 @@ def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, on: torch.Tensor) -> to
 
 def _blend_step(x: torch.Tensor, op: torch.Tensor, factor: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
     """One of ColorJitter's blends per image, all images at once: ``op`` [B] 0 brightness (with black), 1 contrast
-    (with the mean luma), 2 saturation (with the luma), by ``factor`` [B], where ``active`` [B] (others unchanged).
-    The three are ``f x + (1 - f) base`` with base = a luma + b mean(luma), (a, b) = (0, 0), (0, 1), (1, 0): the
-    same arithmetic as applying the chosen one alone (0 x luma and 0 + mean add nothing)."""
+    (with the mean luma), 2 saturation (with the luma), by ``factor`` [B], where ``active`` [B]. The three are
+    ``lerp(base, x, f)`` with base = a luma + b mean(luma), (a, b) = (0, 0), (0, 1), (1, 0), clamped to [0, 1]; an
+    image not ``active`` gets f = 1, which leaves it exactly as it was (lerp returns its end point at weight 1, and
+    the clamp leaves [0, 1] alone). Three full-size operations per step."""
     gray = _gray(x)
     a, b = (op == 2).to(x.dtype).view(-1, 1, 1, 1), (op == 1).to(x.dtype).view(-1, 1, 1, 1)
     base = a * gray + b * gray.mean(dim=(1, 2, 3), keepdim=True)
-    f = factor.view(-1, 1, 1, 1)
-    return torch.where(active.view(-1, 1, 1, 1), (f * x + (1 - f) * base).clamp(0, 1), x)
+    f = torch.where(active, factor, torch.ones_like(factor)).view(-1, 1, 1, 1)
+    return torch.lerp(base.expand_as(x), x, f).clamp_(0, 1)
 
 
 def device_colour_blur(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
