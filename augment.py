@@ -244,7 +244,7 @@ def device_colour_blur(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     A fixed number of whole-batch operations whatever the batch and its draws: each image's order has the hue shift
     at some position h; the blends before it run in three slots (positions 0-2, each image's own op where the
     position is before h), then the hue shift of every image at once, then the blends after it in three slots
-    (positions 1-3). Images whose jitter is off, and slots an image has no blend in, pass unchanged (``where``)."""
+    (positions 1-3). Images whose jitter is off, and slots an image has no blend in, pass unchanged (_blend_step)."""
     on = params[:, 0] > 0.5
     order = params[:, 5:9].long()  # order[:, p]: the op at position p (0-3; 3 the hue)
     hue_at = (order == 3).long().argmax(1)
