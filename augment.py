@@ -223,26 +223,38 @@ def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, on: torch.Tensor) -> to
     return y.reshape(B, C, H, W)
 
 
+def _blend_step(x: torch.Tensor, op: torch.Tensor, factor: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    """One of ColorJitter's blends per image, all images at once: ``op`` [B] 0 brightness (with black), 1 contrast
+    (with the mean luma), 2 saturation (with the luma), by ``factor`` [B], where ``active`` [B]. The three are
+    ``lerp(base, x, f)`` with base = a luma + b mean(luma), (a, b) = (0, 0), (0, 1), (1, 0), clamped to [0, 1]; an
+    image not ``active`` gets f = 1, which leaves it exactly as it was (lerp returns its end point at weight 1, and
+    the clamp leaves [0, 1] alone). Three full-size operations per step."""
+    gray = _gray(x)
+    a, b = (op == 2).to(x.dtype).view(-1, 1, 1, 1), (op == 1).to(x.dtype).view(-1, 1, 1, 1)
+    base = a * gray + b * gray.mean(dim=(1, 2, 3), keepdim=True)
+    f = torch.where(active, factor, torch.ones_like(factor)).view(-1, 1, 1, 1)
+    return torch.lerp(base.expand_as(x), x, f).clamp_(0, 1)
+
+
 def device_colour_blur(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     """SimCLR's colour jitter (0.4, 0.4, 0.4, 0.1; p=0.8, ops in a random order), grayscale (p=0.2) and Gaussian
     blur (sigma 0.1-2, p=0.5) on a batch [B, 3, H, W] in [0, 1], with each image's parameters [B, 12] drawn by
-    CropFlipParams."""
+    CropFlipParams.
+
+    A fixed number of whole-batch operations whatever the batch and its draws: each image's order has the hue shift
+    at some position h; the blends before it run in three slots (positions 0-2, each image's own op where the
+    position is before h), then the hue shift of every image at once, then the blends after it in three slots
+    (positions 1-3). Images whose jitter is off, and slots an image has no blend in, pass unchanged (_blend_step)."""
     on = params[:, 0] > 0.5
-    for position in range(4):
-        for op in range(4):
-            idx = torch.nonzero(on & (params[:, 5 + position] == op)).squeeze(1)
-            if idx.numel() == 0:
-                continue
-            y, f = x[idx], params[idx, 1 + op].view(-1, 1, 1, 1)
-            if op == 0:
-                y = (y * f).clamp(0, 1)
-            elif op == 1:
-                y = (f * y + (1 - f) * _gray(y).mean(dim=(1, 2, 3), keepdim=True)).clamp(0, 1)
-            elif op == 2:
-                y = (f * y + (1 - f) * _gray(y)).clamp(0, 1)
-            else:
-                y = _adjust_hue(y, f.view(-1))
-            x = x.index_copy(0, idx, y)
+    order = params[:, 5:9].long()  # order[:, p]: the op at position p (0-3; 3 the hue)
+    hue_at = (order == 3).long().argmax(1)
+    for slots, before in ((range(0, 3), True), (range(1, 4), False)):
+        for p in slots:
+            op = order[:, p]
+            active = on & ((p < hue_at) if before else (p > hue_at))
+            x = _blend_step(x, op, params.gather(1, 1 + op.clamp(max=2)[:, None]).squeeze(1), active)
+        if before:
+            x = torch.where(on.view(-1, 1, 1, 1), _adjust_hue(x, params[:, 4]), x)
     x = torch.where(params[:, 9].view(-1, 1, 1, 1) > 0.5, _gray(x).expand_as(x), x)
     return _gaussian_blur(x, params[:, 11], params[:, 10] > 0.5)
 

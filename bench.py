@@ -16,7 +16,9 @@ host CPU seconds per sample, the fast path's time per stage and its cProfile (to
 unfused attention); in `data` it runs the original SLIP's dataset code (bench_original.py: a zip archive reopened per
 sample, torchvision's transforms, float views made in the worker, OpenAI's tokenizer, tuples). `--compare` runs both
 in one process, interleaved, and prints the ratio. `data --device-augment` adds main.py's --device-augment,
-`data --decode-device cpu|cuda` main.py's --decode-device (the workers' share, then decode and views apart).
+`data --decode-device cpu|cuda` main.py's --decode-device (the workers' share, then decode and views apart; and each
+stage in ms per 256 samples: decode, crops batched and one by one, colour/blur, and on CUDA the share hidden behind a
+step: bench_input.py, which also holds the GPU probes of the pixels per JPEG kind and of the decoder's race).
 Cheaper SimCLR views (main.py's --ssl-view-size / --ssl-mask-ratio / --clip-mask-ratio), several in one process,
 interleaved, against CLIP at the same size (step time and FLOPs as ratios to it):
     python bench.py train --model SLIP_VITS16 --batch-size 8 --precision fp32 --device cpu --steps 3 --warmup 1 \

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 import augment
+import bench_input
 import bench_original
 import device_decode
 import samples
@@ -116,6 +117,7 @@ def bench_data(args):
     device = utils.resolve_device(args.device) if args.device_augment or getattr(args, 'decode_device', None) else None
     n = min(args.num_samples, min(len(c[1]) for c in configs))
     times, cpu, finish, decode = ({c[0]: [] for c in configs} for _ in range(4))
+    stages = {}  # the decode configuration's stages apart (bench_input.stage_rows), measured once
     for rep in range(3):
         samples._zip_caches.clear()
         loaders = [torch.utils.data.DataLoader(
@@ -154,6 +156,8 @@ def bench_data(args):
                 augment.finish_views(b)
             _sync(device)
             finish[name].append(time.perf_counter() - t)
+            if rep == 0:  # each stage apart, and the overlap with a step (bench_input.py)
+                stages = bench_input.stage_rows(big, ds, device, args.decode_device)
             torch.set_num_threads(1)
     rows = [{'mode': 'data', 'dataset': args.dataset, 'model': args.model, 'config': name, 'workers': args.workers,
              'num_samples': n, 'samples_per_s': n / statistics.median(times[name]),
@@ -163,6 +167,8 @@ def bench_data(args):
              'device_ms_per_256': statistics.median(finish[name]) / n * 256e3 if decode[name] else None}
             for name, _, _ in configs]
     for row, (name, ds, _) in zip(rows, configs):
+        if decode[name]:
+            row.update(stages)
         if name == 'fast' and args.profile:
             row['profile'] = profile_samples(ds, n, args.profile)
         if name == 'fast' and args.stages:

@@ -8,7 +8,7 @@ SLIP all four) and ``n_bad``, the count of bad images skipped to produce it; ``B
 collate_fn. Every random choice of sample i in epoch e comes from (seed, e, i), so a resumed run sees
 bitwise-identical data. Images are normalised float tensors, or (``args.image_format``, as main.py asks) uint8 views
 finished on the device by ``augment.finish_views``; with 'device_augment' the SimCLR colour jitter and blur also run
-there; with 'jpeg' (main.py --decode-device) the compressed bytes and the drawn crops travel (device_decode.py).
+there; with 'jpeg' (--decode-device; train_data.py) the compressed bytes and the drawn crops travel (device_decode.py).
 ``get_dataset(train_transform, tokenizer, args)`` is the original's call, with its tuple samples.
 
 Where the rest lives: samples.py (reading images, bad images, the YFCC zips, ``PairMaker``), wds_data.py (the
@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 
 import augment
+import device_decode
 import metadata as metadata_lib
 import models
 from augment import IMAGENET_MEAN, IMAGENET_STD, Batch, build_transforms  # noqa: F401 (re-exported)
@@ -57,12 +58,16 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         tokenizer: str -> LongTensor[77] (unused for simclr).
         seed: the run's seed; with the epoch and index it fixes every random choice of a sample.
         masks: PairMaker's ``ssl_keep`` / ``clip_keep`` (token masking of the views).
+        encode: PairMaker -> the PairMaker used (device_decode's EncodedPairMaker for --decode-device).
     """
 
     def __init__(self, source: Callable, family: str, transforms: Sequence[Callable],
-                 tokenizer: Optional[Callable] = None, seed: int = 0, name: str = '', **masks):
+                 tokenizer: Optional[Callable] = None, seed: int = 0, name: str = '',
+                 encode: Optional[Callable[[PairMaker], PairMaker]] = None, **masks):
         self.source, self.name = source, name
         self.maker = PairMaker(family, transforms, tokenizer, seed, **masks)
+        if encode is not None:
+            self.maker = encode(self.maker)
 
     def set_epoch(self, epoch: int) -> None:
         self.maker.set_epoch(epoch)
@@ -93,13 +98,14 @@ class MetadataSource:
     main.py ``--metadata-cache``) they are parsed once per node and memory-mapped from there.
     """
 
-    def __init__(self, dataset: str, root: str, metadata: str, cache: Optional[str] = None):
+    def __init__(self, dataset: str, root: str, metadata: str, cache: Optional[str] = None,
+                 load: Optional[Callable] = None):
         if dataset not in metadata_lib.FORMATS:
             raise ValueError(f'unknown pre-training dataset {dataset!r}; '
                              f'expected one of {", ".join(PRETRAIN_DATASETS)}')
         self.dataset, self.root = dataset, root
         self.records = metadata_lib.load_metadata(dataset, metadata, cache)
-        self.load = open_image  # (path or opener, name) -> image; --decode-device reads the bytes instead
+        self.load = load or open_image  # (path or opener, name) -> image; --decode-device: EncodedLoader
 
     def __len__(self) -> int:
         return len(self.records)
@@ -128,34 +134,36 @@ def _keep_spec(spec: Any, size: int, ratio: float) -> Optional[Tuple[int, int]]:
     return num_patches, augment.keep_count(num_patches, ratio)
 
 
-def get_train_dataset(args: Any, tokenizer: Optional[Callable]) -> torch.utils.data.Dataset:
+def get_train_dataset(args: Any, tokenizer: Optional[Callable],
+                      image_format: Optional[str] = None) -> torch.utils.data.Dataset:
     """The pre-training dataset named by ``args.dataset`` with the views of ``args.model``'s family.
 
-    Reads args.dataset, root, metadata, metadata_cache (a folder; default none: held in memory), model, seed,
-    image_format (default 'float'; see build_transforms; 'jpeg': device_decode.py), ssl_view_size, ssl_mask_ratio
-    and clip_mask_ratio (default: the model's size, no masking), demo_samples (demo) and train_num_samples (wds).
+    ``image_format`` (default ``args.image_format``, else 'float'; see build_transforms) may also be 'jpeg': samples
+    carry the compressed bytes and the drawn crops (device_decode.py), made by device_decode's EncodedPairMaker and
+    read by its EncodedLoader, built here directly. Reads args.dataset, root, metadata, metadata_cache (a folder;
+    default none: held in memory), model, seed, ssl_view_size, ssl_mask_ratio and clip_mask_ratio (default: the
+    model's size, no masking), demo_samples (demo) and train_num_samples (wds).
     Map-style datasets and the wds IterableDataset both have ``set_epoch``; the wds one has ``num_samples``.
     """
     spec = models.get_spec(args.model)
     ssl_size = getattr(args, 'ssl_view_size', None) or spec.image_size
-    image_format = getattr(args, 'image_format', 'float')
-    jpeg = image_format == 'jpeg'  # --decode-device: device_augment's draws, made by device_decode from the bytes
+    image_format = image_format or getattr(args, 'image_format', 'float')
+    jpeg = image_format == 'jpeg'  # device_augment's draws, made from the image's size alone
     clip_t, ssl_t, _ = build_transforms(spec.image_size, 'device_augment' if jpeg else image_format, ssl_size)
     common = dict(family=spec.family, transforms=(clip_t, ssl_t), tokenizer=tokenizer, seed=getattr(args, 'seed', 0),
                   ssl_keep=_keep_spec(spec, ssl_size, getattr(args, 'ssl_mask_ratio', 0.0)),
                   clip_keep=_keep_spec(spec, spec.image_size, getattr(args, 'clip_mask_ratio', 0.0)))
+    load, rerunnable = None, args.dataset != 'wds'  # a map-style dataset's samples can be made again
+    if jpeg:  # and it validates its images lazily, where the per-sample path decodes them
+        common['encode'] = lambda maker: device_decode.EncodedPairMaker(maker, spec.image_size, ssl_size, rerunnable)
+        load = device_decode.EncodedLoader(lazy=rerunnable)
     if args.dataset == 'wds':
-        ds = WebDatasetPairs(args.root, getattr(args, 'train_num_samples', None), batch_size=getattr(
-            args, 'batch_size', 1), shuffle_buffer=getattr(args, 'wds_shuffle_buffer', 1000), **common)
-    elif args.dataset == 'demo':
-        ds = ImageCaptionDataset(DemoSource(getattr(args, 'demo_samples', 20000)), name='demo', **common)
-    else:
-        source = MetadataSource(args.dataset, args.root, args.metadata, getattr(args, 'metadata_cache', None))
-        ds = ImageCaptionDataset(source, name=args.dataset, **common)
-    if jpeg:
-        import device_decode  # it builds on this module's datasets
-        device_decode.send_encoded(ds, spec.image_size, ssl_size)
-    return ds
+        return WebDatasetPairs(args.root, getattr(args, 'train_num_samples', None), batch_size=getattr(
+            args, 'batch_size', 1), shuffle_buffer=getattr(args, 'wds_shuffle_buffer', 1000), load=load, **common)
+    if args.dataset == 'demo':
+        return ImageCaptionDataset(DemoSource(getattr(args, 'demo_samples', 20000)), name='demo', **common)
+    source = MetadataSource(args.dataset, args.root, args.metadata, getattr(args, 'metadata_cache', None), load)
+    return ImageCaptionDataset(source, name=args.dataset, **common)
 
 
 # The original's samples, by family: the tuple its training loop unpacks.

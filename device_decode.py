@@ -1,8 +1,9 @@
 """--decode-device: the workers send each image's compressed JPEG bytes and the crops drawn for its views; the main
-process decodes the batch (nvJPEG with ``cuda``, libjpeg on the CPU with ``cpu``) and crops, resizes and flips the
+process decodes the batch (nvImageCodec or nvJPEG with ``cuda``, libjpeg on the CPU with ``cpu``) and crops, resizes and flips the
 views on the device, where --device-augment's colour jitter, grayscale and blur follow (augment.finish_views).
 
-Worker side (``send_encoded`` turns a pre-training dataset of datasets.py or wds_data.py into one that sends bytes):
+Worker side (datasets.get_train_dataset builds a pre-training dataset of datasets.py or wds_data.py with these when
+its image format is 'jpeg'):
   * ``EncodedLoader`` stands in for samples.load_image. It reads the file's bytes, opens the header with PIL (size,
     mode) and validates a JPEG with a 1/8-scale DCT-domain decode (PIL's ``draft``): that parses the whole
     entropy-coded stream, so it raises where the full decode raises (truncated or garbage data), for about 60% of a
@@ -15,18 +16,19 @@ Worker side (``send_encoded`` turns a pre-training dataset of datasets.py or wds
     in the order, of PairMaker.make with build_transforms' 'device_augment' views, from the image's size alone. A
     sample's draws are therefore the same function of (seed, epoch, index) as there: resume stays bitwise.
 
-Main process (``finish_batch``, which engine.train_one_epoch calls for every micro-batch):
-  * the batch's JPEGs are decoded with ``torchvision.io.decode_jpeg`` in one batched call; if that raises, image by
-    image to find the bad ones. A JPEG the decoder rejects is decoded with PIL on the CPU, as the per-sample path
-    would have. One that PIL rejects too (it passed the worker's check; not seen in practice) is replaced as that
+Main process (``finish_batch``, which train_data.DeviceBatches calls for every batch, one batch ahead of the step):
+  * the batch's JPEGs are decoded in one batched call (jpeg_decoders.py: libjpeg on the CPU; nvImageCodec, or
+    torchvision's nvJPEG call, on a GPU). A JPEG the decoder rejects is decoded with PIL on the CPU, as the
+    per-sample path would have. One that PIL rejects too (it passed the worker's check; not seen in practice) is replaced as that
     path replaces it: for a map-style dataset the main process makes the sample again with full decodes
     (``EncodedLoader.strict``), which draws the same replacement with the same ``n_bad``; a WebDataset stream cannot
     be rewound, so there the next good sample of the batch stands in for it, with ``n_bad`` one higher. The replaced
     rows are rewritten in the loader's batch, so the epoch's bad-image count sees them.
-  * every view is cropped from its decoded image and resized with ``F.interpolate(bilinear, antialias=True)`` (PIL's
-    antialiased bilinear filter; in float on the GPU, rounded to uint8 after, on uint8 pixels on the CPU) and
-    flipped: a device_augment-format batch, which augment.finish_views completes. Against the per-sample path (PIL
-    crop and resize in the worker) the uint8 views differ by rounding only (tests/test_device_decode.py).
+  * every view is cropped from its decoded image, resized with PIL's antialiased bilinear filter and flipped: on a
+    GPU all crops of the batch at once (batch_views.py), on the CPU crop by crop with ``F.interpolate`` on the uint8
+    pixels (there cheaper): a device_augment-format batch, which augment.finish_views completes. Against the
+    per-sample path (PIL crop and resize in the worker) the uint8 views differ by rounding only
+    (tests/test_device_decode.py, tests/test_batch_views.py).
 """
 import dataclasses
 import io
@@ -39,7 +41,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 import augment
+import batch_views
 import samples
+from jpeg_decoders import jpeg_decoder
 from augment import Batch
 from samples import IMAGE_ERRORS, BadImage, PairMaker
 
@@ -207,33 +211,25 @@ class EncodedPairMaker(PairMaker):
         return sample
 
 
-def send_encoded(dataset: Any, image_size: int, ssl_size: int) -> Any:
-    """Make a pre-training dataset (ImageCaptionDataset or WebDatasetPairs) send bytes and drawn crops."""
-    rerunnable = not isinstance(dataset, torch.utils.data.IterableDataset)
-    dataset.maker = EncodedPairMaker(dataset.maker, image_size, ssl_size, rerunnable)
-    source = getattr(dataset, 'source', None)
-    for holder in (source, dataset):  # MetadataSource or WebDatasetPairs read through ``load``; demo draws in code
-        if hasattr(holder, 'load'):
-            holder.load = EncodedLoader(lazy=rerunnable)
-    return dataset
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Main process: decode, replace what cannot be decoded, crop and resize
 # ----------------------------------------------------------------------------------------------------------------
-def finish_batch(batch: Batch, device, decode_device: Optional[str] = None, loader: Any = None) -> Batch:
+def finish_batch(batch: Batch, device, decode_device: Optional[str] = None, dataset: Any = None) -> Batch:
     """The model's inputs on ``device`` from a loader's batch: its views decoded and made here when the workers sent
-    bytes (``decode_device``: 'cpu' or 'cuda', default ``device``; ``loader``, or its dataset, to make a sample
-    again), then augment.finish_views. A batch without bytes is moved and finished as before."""
+    bytes (``decode_device``: 'cpu' or 'cuda', default ``device``; ``dataset``, the map-style dataset of bytes, to
+    make a sample again), then augment.finish_views. A batch without bytes is moved and finished as before.
+    ``n_bad`` stays on the host (rewritten for replaced samples): the epoch's count reads it without waiting."""
     if batch.jpeg is None:
-        return augment.finish_views(batch.to(device, non_blocking=True))
-    return augment.finish_views(decode_views(batch, device, decode_device, loader))
+        done = augment.finish_views(batch.to(device, non_blocking=True))
+    else:
+        done = augment.finish_views(decode_views(batch, device, decode_device, dataset))
+    return dataclasses.replace(done, n_bad=batch.n_bad)
 
 
-def decode_views(batch: Batch, device, decode_device: Optional[str] = None, loader: Any = None) -> Batch:
+def decode_views(batch: Batch, device, decode_device: Optional[str] = None, dataset: Any = None) -> Batch:
     """A batch of bytes and crops -> the device_augment-format batch on ``device``: uint8 views [B, S, S, 3]."""
     device = torch.device(device)
-    images = decode_images(batch, _decoder_device(decode_device, device), loader)
+    images = decode_images(batch, _decoder_device(decode_device, device), dataset)
     views = crop_views([img.to(device) for img in images], batch.crops)
     rest = dataclasses.replace(batch, jpeg=None, jpeg_info=None, crops=None).to(device, non_blocking=True)
     return dataclasses.replace(rest, **views)
@@ -254,10 +250,8 @@ def _pixels(data: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return data.view(height, width, 3).permute(2, 0, 1)
 
 
-def decode_images(batch: Batch, device: torch.device, loader: Any = None) -> List[torch.Tensor]:
+def decode_images(batch: Batch, device: torch.device, dataset: Any = None) -> List[torch.Tensor]:
     """Each sample's image, uint8 [3, H, W] on ``device`` (pixels sent by a worker stay where they are)."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-
     chunks, info = _split(batch), batch.jpeg_info.tolist()
     images: List[Optional[torch.Tensor]] = [None] * len(info)
     jpegs = [i for i, row in enumerate(info) if not row[3]]
@@ -265,11 +259,7 @@ def decode_images(batch: Batch, device: torch.device, loader: Any = None) -> Lis
         if row[3]:
             images[i] = _pixels(chunks[i], row[1], row[2])
     if jpegs:
-        try:
-            decoded = decode_jpeg([chunks[i] for i in jpegs], mode=ImageReadMode.RGB, device=device)
-        except RuntimeError:  # one or more bad ones: image by image
-            decoded = [_decode_one(chunks[i], device) for i in jpegs]
-        for i, img in zip(jpegs, decoded):
+        for i, img in zip(jpegs, jpeg_decoder(device)([chunks[i] for i in jpegs], device)):
             images[i] = img
     bad = [i for i, img in enumerate(images) if img is None]
     for i in bad:  # rejected by the decoder: PIL on the CPU, as the per-sample path would decode it
@@ -279,16 +269,8 @@ def decode_images(batch: Batch, device: torch.device, loader: Any = None) -> Lis
         except BadImage as e:
             samples.warn_bad(f'{e} (passed the worker\'s check; replaced in the main process)')
     for i in [i for i in bad if images[i] is None]:
-        images[i] = _replace(batch, i, images, loader)
+        images[i] = _replace(batch, i, images, dataset)
     return images
-
-
-def _decode_one(data: torch.Tensor, device: torch.device) -> Optional[torch.Tensor]:
-    from torchvision.io import ImageReadMode, decode_jpeg
-    try:
-        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
-    except RuntimeError:
-        return None
 
 
 def _name(batch: Batch, i: int) -> str:
@@ -296,20 +278,16 @@ def _name(batch: Batch, i: int) -> str:
     return f'sample {index} of epoch {epoch}' if index >= 0 else f'row {i} of a batch of epoch {epoch}'
 
 
-def _map_dataset(loader: Any) -> Optional[Any]:
-    """The map-style dataset of bytes behind a loader (through main.py's EpochIndexed), if there is one."""
-    ds = loader
-    for _ in range(4):
-        if isinstance(getattr(ds, 'maker', None), EncodedPairMaker):
-            return ds if ds.maker.rerunnable else None
-        ds = getattr(ds, 'dataset', None)
-    return None
+def _map_dataset(dataset: Any) -> Optional[Any]:
+    """``dataset`` if it is a map-style dataset of bytes (one whose samples can be made again), else None."""
+    maker = getattr(dataset, 'maker', None)
+    return dataset if isinstance(maker, EncodedPairMaker) and maker.rerunnable else None
 
 
-def _replace(batch: Batch, i: int, images: List[Optional[torch.Tensor]], loader: Any) -> torch.Tensor:
+def _replace(batch: Batch, i: int, images: List[Optional[torch.Tensor]], dataset: Any) -> torch.Tensor:
     """Sample ``i`` again (map-style) or the batch's next good sample (WebDataset): its image, with its rows
     rewritten in ``batch`` (text, parameters, masks, crops, n_bad)."""
-    ds, (epoch, index) = _map_dataset(loader), batch.jpeg_info[i, 4:].tolist()
+    ds, (epoch, index) = _map_dataset(dataset), batch.jpeg_info[i, 4:].tolist()
     if ds is not None and index >= 0:
         new = _remake(ds, epoch, index)
         image = _pixels(new.jpeg, *new.jpeg_info[1:3].tolist())
@@ -348,11 +326,20 @@ def crop_views(images: Sequence[torch.Tensor], crops: torch.Tensor,
                uint8: Optional[bool] = None) -> Dict[str, torch.Tensor]:
     """Each view of each image: crop, antialiased bilinear resize, flip -> {view: uint8 [B, S, S, 3]}.
 
-    ``uint8`` (default: on the CPU) resizes the uint8 pixels directly with torch's PIL-like fixed-point kernel
-    (about 3x faster there than float); otherwise in float32, rounded to uint8 after (CUDA's kernel is float only).
-    Both stay within one level of PIL's resize (tests/test_device_decode.py)."""
+    By default on the CPU (``uint8``) crop by crop with torch's PIL-like fixed-point kernel on the uint8 pixels
+    (``crop_views_each``: there several times cheaper than the dense products); elsewhere every crop of the batch at
+    once (batch_views.resize_views: a few kernels whatever the batch size). Both stay within the tolerance of
+    batch_views' docstring of PIL's resize (tests/test_batch_views.py, tests/test_device_decode.py)."""
     if uint8 is None:
         uint8 = images[0].device.type == 'cpu'
+    if uint8:
+        return crop_views_each(images, crops, uint8=True)
+    return batch_views.resize_views(batch_views.pad_images(images), crops, Batch.VIEWS)
+
+
+def crop_views_each(images: Sequence[torch.Tensor], crops: torch.Tensor, uint8: bool) -> Dict[str, torch.Tensor]:
+    """crop_views one crop at a time: ``F.interpolate(bilinear, antialias=True)`` per crop, on the uint8 pixels
+    (``uint8``) or in float32 rounded to uint8 after (the per-crop path bench.py data compares against)."""
     rows = crops.tolist()
     views = {}
     for v, name in enumerate(Batch.VIEWS):

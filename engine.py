@@ -37,7 +37,6 @@ import torch
 import torch.nn as nn
 
 import augment
-import device_decode
 import progress
 import utils
 from utils import logger
@@ -351,8 +350,7 @@ def train_one_epoch(engine: Engine, loader, epoch: int, first_step: int, iters_p
             if skip is not None and skip(step):
                 micro.append(None)  # read, then dropped: the step is skipped
                 continue
-            # decoded first (--decode-device): a sample replaced there is rewritten in ``batch``, n_bad included
-            micro.append(device_decode.finish_batch(batch, device, getattr(args, 'decode_device', None), loader))
+            micro.append(batch)  # finished on the device by the loader (train_data.DeviceBatches)
             counts += torch.tensor([float(batch.n_bad.sum()), len(batch.n_bad)], dtype=torch.float64)
         if len(micro) < k:
             logger.warning('epoch %d: the data ran out after %d of %d steps', epoch, step, iters_per_epoch)

@@ -21,7 +21,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-import augment
 import checkpoints
 import datasets
 import device_decode
@@ -29,6 +28,7 @@ import engine as engine_lib
 import faults
 import guard as guard_lib
 import models
+import train_data
 import utils
 import zoo
 from utils import logger
@@ -122,8 +122,9 @@ def get_args_parser():
     a('--decode-device', default='worker', choices=['worker', 'cpu', 'cuda'],
       help='where JPEGs are decoded and the views cropped and resized: worker (PIL in the data loader workers, '
            'default); cuda (the workers send the compressed bytes and drawn crops, the GPU decodes the batch with '
-           'nvJPEG and makes the views; implies --device-augment); cpu (the same batched code on the CPU in the main '
-           'process)')
+           'nvImageCodec, or torchvision\'s nvJPEG call without it, and makes the views one batch ahead on a stream '
+           'of its own; the SimCLR colour ops run there as with --device-augment); cpu (the same code on the CPU in '
+           'the main process)')
     a('--world-size', default=1, type=int, help='number of processes (set by the launchers)')
     a('--rank', default=0, type=int)
     a('--local_rank', '--local-rank', default=0, type=int, dest='local_rank')
@@ -176,10 +177,6 @@ def resolve_args(args, device):
         args.eval_dataset = 'demo' if args.dataset == 'demo' else 'imagenet'
     if not spec.has_text:
         args.eval_dataset = 'none'  # SimCLR has no text tower: no zero-shot check
-    # Workers hand over uint8 views, normalised on the device (bitwise what ToTensor + Normalize give, 4x fewer bytes)
-    args.image_format = 'device_augment' if args.device_augment else 'uint8'
-    if getattr(args, 'decode_device', 'worker') != 'worker':  # bytes from the workers; device_augment's colour ops
-        args.image_format, args.device_augment = 'jpeg', True
     resolve_view_args(args, spec)
     return spec
 
@@ -241,55 +238,7 @@ def build_optimizer(model, args, device):
     return torch.optim.AdamW(groups, lr=args.lr, betas=tuple(args.betas), eps=args.eps, **impl)
 
 
-class EpochSampler(torch.utils.data.Sampler):
-    """Deterministic per-epoch shuffle, split over ranks, yielding (epoch, index) pairs from a given offset.
-
-    The order depends only on (seed, epoch), so a resumed run skips exactly the batches it already trained on.
-    Passing the epoch with each index lets persistent workers apply the right augmentations.
-    """
-
-    def __init__(self, size: int, batch_size: int, rank: int, world_size: int, seed: int):
-        self.size, self.rank, self.world_size, self.seed = size, rank, world_size, seed
-        self.per_rank = size // world_size // batch_size * batch_size  # whole batches only (drop_last)
-        self.epoch, self.start = 0, 0
-
-    def set_epoch(self, epoch: int, start_batch: int = 0, batch_size: int = 1) -> None:
-        self.epoch, self.start = epoch, start_batch * batch_size
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
-        order = torch.randperm(self.size, generator=g)[self.rank::self.world_size][:self.per_rank]
-        return iter([(self.epoch, i) for i in order[self.start:].tolist()])
-
-    def __len__(self) -> int:
-        return self.per_rank - self.start
-
-
-class EpochIndexed(torch.utils.data.Dataset):
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, key):
-        epoch, index = key
-        self.dataset.set_epoch(epoch)
-        return self.dataset[index]
-
-
-def build_train_loader(args, tokenizer, device):
-    dataset = datasets.get_train_dataset(args, tokenizer)
-    common = dict(batch_size=args.batch_size, num_workers=args.workers, pin_memory=device.type == 'cuda',
-                  drop_last=True, persistent_workers=args.workers > 0, prefetch_factor=4 if args.workers else None)
-    if isinstance(dataset, torch.utils.data.IterableDataset):  # WebDataset: it has EpochSampler's set_epoch
-        common['persistent_workers'] = False  # the epoch and resume position reach the workers when they start
-        loader = torch.utils.data.DataLoader(dataset, collate_fn=augment.Batch.collate, **common)
-        return loader, dataset, dataset.per_rank_batches
-    sampler = EpochSampler(len(dataset), args.batch_size, args.rank, args.world_size, args.seed)
-    loader = torch.utils.data.DataLoader(EpochIndexed(dataset), sampler=sampler, collate_fn=augment.Batch.collate,
-                                         **common)
-    return loader, sampler, sampler.per_rank // args.batch_size
+EpochSampler, EpochIndexed = train_data.EpochSampler, train_data.EpochIndexed  # their home is train_data.py
 
 
 def zeroshot_setup(args, spec):
@@ -451,7 +400,7 @@ def main(args):
         if utils.is_main_process():
             utils.append_json_line(os.path.join(args.output_dir, 'eval_log.txt'), stats)
         return stats
-    loader, sampler, iters_per_epoch = build_train_loader(args, tokenizer, device)
+    loader, sampler, iters_per_epoch = train_data.build_train_loader(args, tokenizer, device)
     iters_per_epoch //= args.update_freq  # trailing micro-batches that cannot fill an optimizer step are dropped
     if iters_per_epoch == 0:
         raise ValueError('the dataset is smaller than one optimizer step of batch-size x update-freq x processes')

@@ -153,7 +153,7 @@ class PairMaker:
             ([('aug1', self.ssl_augment), ('aug2', self.ssl_augment)] if family != 'clip' else [])
         self.staged = all(hasattr(t, 'draw') and hasattr(t, 'render') for _, t in self.view_transforms)
         # Process-local: a DataLoader worker sees set_epoch calls made before it started (or made inside it, as
-        # main.py's EpochIndexed does by passing the epoch with each index), not later calls in the main process.
+        # train_data.EpochIndexed does by passing the epoch with each index), not later calls in the main process.
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:

@@ -29,7 +29,7 @@ class WebDatasetPairs(torch.utils.data.IterableDataset):
     views and caption come from (seed, epoch, shard, position). A bad image is replaced by a sample drawn from the
     buffer (counted in ``n_bad``), so positions never depend on decoding.
 
-    ``set_epoch(epoch, start_batch, batch_size)`` has main.py's EpochSampler interface: a run resumed after
+    ``set_epoch(epoch, start_batch, batch_size)`` has train_data.EpochSampler's interface: a run resumed after
     ``start_batch`` batches of the epoch skips, in each worker and without decoding, the samples that worker had
     delivered, and continues bitwise as the uninterrupted run would (the number of workers must then be the same).
     Rank and world size are read at construction (build it after utils.init_distributed_mode).
@@ -39,7 +39,8 @@ class WebDatasetPairs(torch.utils.data.IterableDataset):
 
     def __init__(self, urls: str, num_samples: Optional[int], family: str, transforms: Sequence[Callable],
                  tokenizer: Optional[Callable] = None, seed: int = 0, batch_size: int = 1,
-                 shuffle_buffer: int = 1000, **masks):
+                 shuffle_buffer: int = 1000, load: Optional[Callable] = None,
+                 encode: Optional[Callable[[PairMaker], PairMaker]] = None, **masks):
         from webdataset.shardlists import expand_urls
 
         if not num_samples or int(num_samples) <= 0:
@@ -54,7 +55,9 @@ class WebDatasetPairs(torch.utils.data.IterableDataset):
         self.num_samples = int(num_samples)
         self.rank, self.world_size = utils.get_rank(), utils.get_world_size()
         self.maker = PairMaker(family, transforms, tokenizer, seed, **masks)
-        self.load = load_image  # (file object, name) -> image; --decode-device reads the bytes instead
+        if encode is not None:  # --decode-device: device_decode.EncodedPairMaker
+            self.maker = encode(self.maker)
+        self.load = load or load_image  # (file object, name) -> image; --decode-device: device_decode.EncodedLoader
         self.shuffle_buffer = int(shuffle_buffer)
         self.batch_size, self.start_batch = int(batch_size), 0
 

@@ -19,6 +19,7 @@ import bench
 import datasets
 import device_decode
 import main as main_script
+import train_data
 import views
 from conftest import assert_same_weights
 
@@ -243,14 +244,14 @@ def test_a_jpeg_that_fails_only_in_the_main_process_is_remade_as_the_per_sample_
     root, meta = with_bad
     monkeypatch.setattr(datasets, 'warn_bad', lambda message: None)
     ds = dataset(root, meta, 'jpeg')
-    ds.source.load = TrustingLoader(lazy=True)  # as send_encoded installs it for a map-style dataset
+    ds.source.load = TrustingLoader(lazy=True)  # as get_train_dataset installs it for a map-style dataset
     loader = torch.utils.data.DataLoader(main_script.EpochIndexed(ds), batch_size=8, collate_fn=augment.Batch.collate,
                                          sampler=[(1, i) for i in range(8)])
     sent = next(iter(loader))
     assert sent.n_bad.sum() == 1 and sent.n_bad[5] == 1  # garbage is caught by the header; 2 slipped through
     ds.set_epoch(7)  # the main process's copy may be at any epoch: the sample's own is used
     ref = augment.Batch.collate([dataset(root, meta, 'device_augment')[i] for i in range(8)])
-    got = device_decode.decode_views(sent, 'cpu', 'cpu', loader)
+    got = device_decode.decode_views(sent, 'cpu', 'cpu', ds)  # the map-style dataset, as DeviceBatches passes it
     assert torch.equal(sent.n_bad, ref.n_bad) and torch.equal(sent.text, ref.text)  # rewritten in the loader's batch
     assert ds.maker.epoch == 7 and not ds.source.load.strict  # left as it was
     assert_same_draws(ref, got)
@@ -314,13 +315,13 @@ def test_flag_validation_and_what_it_implies(monkeypatch):
     main_script.check_args(parse(*base, '--decode-device', 'cuda', '--device', 'cuda:1'))
     with pytest.raises(SystemExit):
         parse(*base, '--decode-device', 'gpu')  # argparse names the choices
-    for extra in ((), ('--device-augment',)):
+    for extra in ((), ('--device-augment',)):  # the workers' format is decided in one place: train_data.py
         args = parse(*base, '--decode-device', 'cpu', *extra)
         main_script.resolve_args(args, torch.device('cpu'))
-        assert (args.image_format, args.device_augment) == ('jpeg', True)
+        assert train_data.image_format(args) == 'jpeg'
     args = parse(*base)
     main_script.resolve_args(args, torch.device('cpu'))
-    assert (args.decode_device, args.image_format, args.device_augment) == ('worker', 'uint8', False)
+    assert (args.decode_device, train_data.image_format(args), args.device_augment) == ('worker', 'uint8', False)
     assert 'decode_device' in main_script.RESUME_FIELDS
 
 

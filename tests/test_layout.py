@@ -20,13 +20,15 @@ LAYERS: Dict[str, str] = {
     'main': STAGE, 'main_linear': STAGE, 'eval_zeroshot': STAGE, 'make_dataset': STAGE, 'export_open_clip': STAGE,
     'run_with_submitit': STAGE, 'run_with_submitit_linear': STAGE,
     'bench': STAGE, 'bench_train': STAGE, 'bench_data': STAGE, 'bench_save': STAGE, 'bench_original': STAGE,
+    'bench_input': STAGE,
     # middle: models, losses, data, the training engine and its long-run parts, the model zoo
     'engine': MIDDLE, 'guard': MIDDLE, 'checkpoints': MIDDLE, 'faults': MIDDLE,
     'models': MIDDLE, 'towers': MIDDLE, 'losses': MIDDLE, 'zoo': MIDDLE,
     'datasets': MIDDLE, 'device_decode': MIDDLE, 'samples': MIDDLE, 'wds_data': MIDDLE, 'demo_data': MIDDLE,
-    'downstream': MIDDLE,
+    'downstream': MIDDLE, 'train_data': MIDDLE,
     # floor: what everything may use
-    'augment': FLOOR, 'views': FLOOR, 'metadata': FLOOR, 'utils': FLOOR, 'progress': FLOOR,
+    'augment': FLOOR, 'views': FLOOR, 'batch_views': FLOOR, 'jpeg_decoders': FLOOR, 'metadata': FLOOR, 'utils': FLOOR,
+    'progress': FLOOR,
 }
 
 
