@@ -425,9 +425,9 @@ def main(args):
             except (guard_lib.Divergence, engine_lib.NonFiniteStreak) as e:
                 div, error = run.as_divergence(e), str(e)  # plain data: the aborted epoch's frames are released
             start_epoch, start_step, best_acc1 = rollback(args, t, div, error)
-    finally:
+    finally:  # also on the way out of a requeue's SystemExit: a live TensorBoard thread aborts the interpreter's exit
         manager.close()
-    t.writer.close()
+        t.writer.close()
     if zs_assets is not None:
         logger.info('done: zero-shot top-1 on %s %.2f%% (best %.2f%%); outputs in %s', args.eval_dataset,
                     stats.get('test_acc1', float('nan')), best_acc1, args.output_dir)

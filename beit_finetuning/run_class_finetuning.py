@@ -303,25 +303,29 @@ def main(args):
     if args.log_dir and utils.is_main_process():
         from torch.utils.tensorboard import SummaryWriter  # imported lazily: only when asked for
         writer = SummaryWriter(args.log_dir)
-    stats = {}
-    for epoch in range(start_epoch, args.epochs):
-        train_loader.sampler.set_epoch(epoch)
-        train_stats = engine.train_one_epoch(model, criterion, train_loader, optimizer, scaler, device, epoch, args,
-                                      schedules, model_ema, mixup_fn)
-        stats = {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch, 'n_parameters': n_parameters}
-        is_best = False
-        if val_loader is not None:
-            test_stats = engine.evaluate(val_loader, model, device, args.precision)
-            is_best = test_stats['acc1'] > best_acc1
-            best_acc1 = max(best_acc1, test_stats['acc1'])
-            stats.update({f'test_{k}': v for k, v in test_stats.items()}, best_acc1=best_acc1)
-            if model_ema is not None and args.model_ema_eval:
-                ema_stats = engine.evaluate(val_loader, model_ema.module, device, args.precision)
-                stats.update({f'test_ema_{k}': v for k, v in ema_stats.items()})
-            utils.logger.info('epoch %d: top-1 %.2f top-5 %.2f (best top-1 %.2f)', epoch, test_stats['acc1'],
-                              test_stats['acc5'], best_acc1)
-        save(args, epoch, engine.unwrap(model), optimizer, scaler, model_ema, best_acc1, is_best)
-        log_epoch(args, stats, writer)
+    try:  # closed on every way out: a TensorBoard thread left running aborts the interpreter's exit
+        stats = {}
+        for epoch in range(start_epoch, args.epochs):
+            train_loader.sampler.set_epoch(epoch)
+            train_stats = engine.train_one_epoch(model, criterion, train_loader, optimizer, scaler, device, epoch, args,
+                                          schedules, model_ema, mixup_fn)
+            stats = {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch, 'n_parameters': n_parameters}
+            is_best = False
+            if val_loader is not None:
+                test_stats = engine.evaluate(val_loader, model, device, args.precision)
+                is_best = test_stats['acc1'] > best_acc1
+                best_acc1 = max(best_acc1, test_stats['acc1'])
+                stats.update({f'test_{k}': v for k, v in test_stats.items()}, best_acc1=best_acc1)
+                if model_ema is not None and args.model_ema_eval:
+                    ema_stats = engine.evaluate(val_loader, model_ema.module, device, args.precision)
+                    stats.update({f'test_ema_{k}': v for k, v in ema_stats.items()})
+                utils.logger.info('epoch %d: top-1 %.2f top-5 %.2f (best top-1 %.2f)', epoch, test_stats['acc1'],
+                                  test_stats['acc5'], best_acc1)
+            save(args, epoch, engine.unwrap(model), optimizer, scaler, model_ema, best_acc1, is_best)
+            log_epoch(args, stats, writer)
+    finally:
+        if writer is not None:
+            writer.close()
     utils.barrier()
     return stats
 

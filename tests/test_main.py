@@ -227,3 +227,22 @@ def test_ssl_head_norm_option_trains_and_its_checkpoint_evaluates_and_exports(tm
     path = str(tmp_path / 'checkpoint.pt')
     exported, spec = export_open_clip.build_model(utils.load_checkpoint(path), path)  # strict against its keys
     assert spec.name == 'SLIP_TINY' and type(exported.image_mlp.bn1) is type(model.image_mlp.bn1)
+
+
+def test_a_requeue_exit_mid_training_closes_the_tensorboard_thread(tmp_path, monkeypatch):
+    """submitit requeues by raising SystemExit wherever training is; a TensorBoard writer thread left running then
+    aborts the interpreter's exit ('terminate called without an active exception'), so main closes it on the way out."""
+    import threading
+
+    import engine as engine_lib
+
+    def interrupted(engine, loader, epoch, first, iters, args, writer, *rest, **kw):
+        writer.scalars({'probe': 1.0}, 0)  # the writer's thread is running when the signal comes
+        raise SystemExit(-1)
+
+    monkeypatch.setattr(engine_lib, 'train_one_epoch', interrupted)
+    before = set(threading.enumerate())
+    with pytest.raises(SystemExit):
+        main_script.main(tiny_args(tmp_path, 'CLIP_TINY', '--epochs', 1))
+    left = [t for t in threading.enumerate() if t not in before and t.is_alive()]
+    assert left == []
