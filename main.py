@@ -287,6 +287,16 @@ def data_position(args, step: int) -> dict:
     return pos
 
 
+def stored_settings(stored, args) -> dict:
+    """A checkpoint's arguments as this release compares them on resume. Runs of the previous release with
+    --decode-device stored --device-augment as on (main.py turned it on for them); with on-device decoding the option
+    does not act (train_data.image_format), so such a checkpoint is compared as if it held this run's value."""
+    stored = dict(utils.args_to_dict(stored))
+    if stored.get('decode_device') not in (None, 'worker') and 'device_augment' in stored:
+        stored['device_augment'] = args.device_augment
+    return stored
+
+
 def resume(args, model, optimizer, scaler, path=None):
     """Returns (start_epoch, start_step, best_acc1, record) from ``path``, --resume or <output-dir>/checkpoint.pt;
     ``record`` is the checkpoint's long-run state (skip list, rollbacks, lr scale, guard; guard.LongRun).
@@ -303,7 +313,7 @@ def resume(args, model, optimizer, scaler, path=None):
     ckpt = utils.load_checkpoint(path)
     if not args.evaluate:
         fields = RESUME_FIELDS + (RESUME_FIELDS_WDS if args.dataset == 'wds' else ())
-        utils.check_resume_args(ckpt['args'], vars(args), fields, path, args.resume_override)
+        utils.check_resume_args(stored_settings(ckpt['args'], args), vars(args), fields, path, args.resume_override)
         faults.check_resume(ckpt['args'], args, path)
         stored = ckpt.get('data_position')
         if stored and not args.resume_override and stored != data_position(args, ckpt.get('step', 0)):

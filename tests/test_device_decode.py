@@ -347,6 +347,11 @@ def test_main_trains_with_decode_device_cpu_and_update_freq_2(with_bad, tmp_path
     stats = main_script.main(args)
     assert decoded == [2] * 4  # 2 steps of 2 micro-batches of 2, each decoded on its own
     assert stats['train_bad_samples'] >= 2 and np.isfinite(stats['train_loss'])  # both bad images counted
+    ckpt = torch.load(tmp_path / 'run' / 'checkpoint.pt', weights_only=True)
+    ckpt['args']['device_augment'], ckpt['epoch'] = True, 0  # as the previous release stored --decode-device runs
+    torch.save(ckpt, tmp_path / 'run' / 'checkpoint.pt')
+    main_script.main(parse(*_cli(tmp_path / 'run', root, meta, ['--update-freq', 2, '--batch-size', 2, '--workers', 0,
+                                                                 '--max-bad-fraction', 0.5])[0][2:]))
     with pytest.raises(SystemExit, match="--decode-device: checkpoint 'cpu', now 'worker'"):
         main_script.main(parse(*_cli(tmp_path / 'run', root, meta, ['--update-freq', 2, '--batch-size', 2,
                                                                      '--decode-device', 'worker'])[0][2:]))
