@@ -57,7 +57,7 @@ def _read_json(path: str, what: str) -> Any:
 
 def load_assets(catalog_path: Optional[str] = None, labels_path: Optional[str] = None,
                 templates_path: Optional[str] = None) -> Tuple[Dict, Dict, Dict]:
-    """Read the dataset catalog, class names and prompt templates (None: the JSON file beside this script).
+    """Read the dataset catalog, class names and prompt templates (None: the JSON file beside this module).
 
     Raises:
         FileNotFoundError / ValueError: naming the file that is missing, not JSON, or not a JSON object.
