@@ -38,10 +38,13 @@ import torch
 
 import models
 import utils
+import zeroshot
 import zoo
+from augment import IMAGENET_MEAN, IMAGENET_STD
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+NO_TEXT_TOWER = ('a SimCLR model without a text tower: open_clip and CLIP_benchmark need a CLIP or SLIP checkpoint '
+                 '(probe SimCLR with main_linear.py)')
 WEIGHTS, CONFIG, TIMM_DIR = 'open_clip_model.safetensors', 'open_clip_config.json', 'timm_tower'
 CB_CLASSNAMES, CB_TEMPLATES = 'clip_benchmark_classnames.json', 'clip_benchmark_templates.json'
 CB_ALIASES = {'imagenet': 'imagenet1k'}  # our dataset name -> CLIP_benchmark's, where both order classes alike
@@ -131,13 +134,7 @@ def to_open_clip_state_dict(state_dict: Dict[str, torch.Tensor], resnet: bool) -
 
 def build_model(ckpt: Dict, path: str, name: Optional[str] = None, device: Any = 'meta'):
     """Our model for a loaded checkpoint (on the meta device unless asked), checked strictly against its weights."""
-    name = name or ckpt['args'].get('model')
-    if not name:
-        raise utils.CheckpointError(f'checkpoint {path!r} has no args.model: pass --model NAME')
-    spec = models.get_spec(name)
-    if not spec.has_text:
-        raise ValueError(f'checkpoint {path!r} holds {spec.name}, a SimCLR model without a text tower: open_clip and '
-                         f'CLIP_benchmark need a CLIP or SLIP checkpoint (probe SimCLR with main_linear.py)')
+    spec = zeroshot.text_model_spec(ckpt, path, name, no_text=NO_TEXT_TOWER, no_name=': pass --model NAME')
     with torch.device(device):
         model = models.create_model_from_args(spec.name, ckpt['args'])
     with warnings.catch_warnings():  # loading into meta tensors is a (warned) no-op: only the check matters there
@@ -210,8 +207,7 @@ def clip_benchmark_prompts(labels: Dict, templates: Dict) -> Tuple[Dict, Dict]:
 
 
 def write_prompt_files(output_dir: str, labels_path: str, templates_path: str) -> None:
-    import eval_zeroshot
-    _, labels, templates = eval_zeroshot.load_assets(None, labels_path, templates_path)
+    _, labels, templates = zeroshot.load_assets(None, labels_path, templates_path)
     classnames, prompts = clip_benchmark_prompts(labels, templates)
     os.makedirs(output_dir, exist_ok=True)
     _write_json(os.path.join(output_dir, CB_CLASSNAMES), classnames)
@@ -229,9 +225,8 @@ def load_clip_benchmark(model_name: str, pretrained: Optional[str] = None, cache
         import open_clip
         model, _, transform = open_clip.create_model_and_transforms(f'local-dir:{model_name}', device=device)
         return model.eval(), transform, open_clip.get_tokenizer(f'local-dir:{model_name}')
-    import eval_zeroshot
-    model, _ = eval_zeroshot.load_model(model_name, device)
-    return model, eval_zeroshot.eval_transform(eval_zeroshot.model_image_size(model)), utils.Tokenizer()
+    model, _ = zeroshot.load_model(model_name, device)
+    return model, zeroshot.eval_transform(zeroshot.model_image_size(model)), utils.Tokenizer()
 
 
 def roundtrip_error(ours, theirs, image: torch.Tensor, text: torch.Tensor) -> Dict[str, float]:

@@ -155,8 +155,8 @@ def check_args(args):
     except KeyError:
         errors.append(f'--model {args.model!r} is not a known model; known models: {", ".join(models.MODELS)}')
     if args.eval_dataset not in (None, '', 'none'):  # a catalogued set whose files are missing is only a warning
-        import eval_zeroshot
-        catalog = eval_zeroshot.load_assets(args.catalog, args.labels, args.templates)[0]
+        import zeroshot
+        catalog = zeroshot.load_assets(args.catalog, args.labels, args.templates)[0]
         if args.eval_dataset not in catalog:
             errors.append(f'--eval-dataset {args.eval_dataset!r} is not in the catalog {args.catalog or "(default)"}; '
                           f'known: {", ".join(catalog)} (or none)')
@@ -245,8 +245,8 @@ def zeroshot_setup(args, spec):
     """Load the zero-shot assets and check the eval dataset exists now, not after the first epoch."""
     if args.eval_dataset in (None, '', 'none'):
         return None
-    import eval_zeroshot
-    assets = eval_zeroshot.load_assets(args.catalog, args.labels, args.templates)
+    import zeroshot
+    assets = zeroshot.load_assets(args.catalog, args.labels, args.templates)
     try:
         datasets.get_downstream_dataset(assets[0], args.eval_dataset, False, None)
     except (datasets.DatasetMissing, KeyError) as e:
@@ -256,9 +256,9 @@ def zeroshot_setup(args, spec):
 
 
 def run_zeroshot(model, args, assets, tokenizer, device):
-    import eval_zeroshot
-    stats = eval_zeroshot.zeroshot_dataset(model, args.eval_dataset, assets, tokenizer, device,
-                                           batch_size=args.batch_size, workers=min(args.workers, 4))
+    import zeroshot
+    stats = zeroshot.zeroshot_dataset(model, args.eval_dataset, assets, tokenizer, device,
+                                      batch_size=args.batch_size, workers=min(args.workers, 4))
     logger.info('0-shot %s: acc1 %.2f acc5 %.2f', args.eval_dataset, stats['acc1'], stats['acc5'])
     return stats
 

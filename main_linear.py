@@ -27,10 +27,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+import augment
 import datasets
-import eval_zeroshot
 import models
 import utils
+import zeroshot
 import zoo
 from utils import logger
 
@@ -119,7 +120,7 @@ def sanity_check(backbone: nn.Module, weights, path: str) -> None:
 
 def transforms(image_size: int):
     import torchvision.transforms as T
-    norm = [eval_zeroshot.to_rgb, T.ToTensor(), T.Normalize(eval_zeroshot.IMAGENET_MEAN, eval_zeroshot.IMAGENET_STD)]
+    norm = [zeroshot.to_rgb, T.ToTensor(), T.Normalize(augment.IMAGENET_MEAN, augment.IMAGENET_STD)]
     train = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip()] + norm)
     val = T.Compose([T.Resize(int(image_size * 256 / 224)), T.CenterCrop(image_size)] + norm)
     return train, val
@@ -128,7 +129,7 @@ def transforms(image_size: int):
 def num_classes_of(dataset, name: str) -> int:
     if hasattr(dataset, 'classes'):
         return len(dataset.classes)
-    labels = eval_zeroshot.load_assets()[1]
+    labels = zeroshot.load_assets()[1]
     if name in labels:
         return len(labels[name])
     return int(max(int(dataset[i][1]) for i in range(len(dataset)))) + 1
@@ -145,19 +146,19 @@ def backbone_features(backbone, images, device, precision: str) -> torch.Tensor:
 
 def extract_features(backbone, dataset, args, device):
     """Features and targets of a whole split on every rank: each rank encodes a disjoint shard, then all-gather."""
-    loader = torch.utils.data.DataLoader(eval_zeroshot.shard(dataset), batch_size=args.batch_size,
+    loader = torch.utils.data.DataLoader(zeroshot.shard(dataset), batch_size=args.batch_size,
                                          num_workers=args.workers, pin_memory=device.type == 'cuda')
     feats, targets = [torch.empty(0, feature_dim(backbone), device=device)], [torch.empty(0, dtype=torch.long)]
     for images, target in loader:
         feats.append(backbone_features(backbone, images.to(device, non_blocking=True), device, args.precision))
         targets.append(torch.as_tensor(target))
-    feats = eval_zeroshot.gather_shards(torch.cat(feats), len(dataset)).cpu()
-    targets = eval_zeroshot.gather_shards(torch.cat(targets).to(device), len(dataset)).cpu()
+    feats = zeroshot.gather_shards(torch.cat(feats), len(dataset)).cpu()
+    targets = zeroshot.gather_shards(torch.cat(targets).to(device), len(dataset)).cpu()
     return torch.utils.data.TensorDataset(feats, targets)
 
 
 def build_loaders(args, backbone, image_size, device):
-    catalog = eval_zeroshot.load_assets(args.catalog)[0]
+    catalog = zeroshot.load_assets(args.catalog)[0]
     train_tf, val_tf = transforms(image_size)
     # Cached features are computed once, so the train split gets the deterministic transform (no augmentation).
     train_set = datasets.get_downstream_dataset(catalog, args.dataset, True,
@@ -173,7 +174,7 @@ def build_loaders(args, backbone, image_size, device):
     sampler = torch.utils.data.DistributedSampler(train_set, seed=args.seed or 0) if args.distributed else None
     train_loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, shuffle=sampler is None,
                                                sampler=sampler, num_workers=workers, pin_memory=device.type == 'cuda')
-    val_loader = torch.utils.data.DataLoader(eval_zeroshot.shard(val_set), batch_size=256, num_workers=workers,
+    val_loader = torch.utils.data.DataLoader(zeroshot.shard(val_set), batch_size=256, num_workers=workers,
                                              pin_memory=device.type == 'cuda')  # disjoint shards: exact metrics
     return train_loader, val_loader, classes
 

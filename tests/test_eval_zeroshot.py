@@ -1,4 +1,7 @@
-"""eval_zeroshot.py: metrics against hand-computed answers, classifier, retrieval, checkpoints, JSON files, shards."""
+"""eval_zeroshot.py and zeroshot.py, the library under it: metrics against hand-computed answers, classifier,
+retrieval, checkpoints, JSON files, shards. The library is reached through eval_zeroshot's re-exports (``ez``), the
+way code written against the script reaches it; a patch goes on ``zeroshot``, where the library looks its names up.
+"""
 import json
 import os
 
@@ -11,6 +14,7 @@ from PIL import Image
 import datasets
 import eval_zeroshot as ez
 import models
+import zeroshot
 
 COLORS = [(230, 30, 30), (30, 200, 40), (30, 60, 230)]
 REFERENCE = os.path.join(os.path.dirname(__file__), 'data')  # the original's JSON files, to check ours against
@@ -239,7 +243,7 @@ def test_retrieval_karpathy_and_coco_formats(tmp_path, tiny_model, tokenizer, mo
     assert (paths, captions) == ez.load_retrieval_split('c', catalog['c'])
     seen = []
     recall = ez.retrieval_recall
-    monkeypatch.setattr(ez, 'retrieval_recall', lambda img, txt, owner: seen.append((img, txt, owner)) or
+    monkeypatch.setattr(zeroshot, 'retrieval_recall', lambda img, txt, owner: seen.append((img, txt, owner)) or
                         recall(img, txt, owner))
     results = [ez.zeroshot_dataset(tiny_model, n, (catalog, {}, {}), tokenizer, 'cpu', 2, 0) for n in ('k', 'c')]
     assert results[0] == results[1]
@@ -258,7 +262,7 @@ def test_demo_dataset_top1_and_top5_of_its_logits(tiny_model, tokenizer, monkeyp
     catalog = {**catalog, 'demo': {**catalog['demo'], 'size': 96}}  # 3 images per class
     seen = []
     metrics = ez.classification_metrics
-    monkeypatch.setattr(ez, 'classification_metrics', lambda logits, targets, metric: seen.append(
+    monkeypatch.setattr(zeroshot, 'classification_metrics', lambda logits, targets, metric: seen.append(
         (logits, targets, metric)) or metrics(logits, targets, metric))
     stats = ez.zeroshot_dataset(tiny_model, 'demo', (catalog, labels, templates), tokenizer, 'cpu', 256, 0)
     logits, targets, metric = seen[0]
