@@ -188,6 +188,7 @@ class CheckpointManager:
         self.dir, self.keep, self.every, self.async_save = output_dir, keep, every_epochs, async_save
         self.kill_fault = kill_fault
         self._thread: Optional[threading.Thread] = None
+        self._done = threading.Event()
         self._error: Optional[BaseException] = None
         self._cache: Dict = {}
         self.stalls: List[float] = []  # seconds the training thread waited, per save
@@ -210,22 +211,31 @@ class CheckpointManager:
             state = host_copy(state, self._cache)
             if torch.cuda.is_available():
                 torch.cuda.synchronize()  # the device-to-host copies are complete before the writer reads them
-            self._thread = threading.Thread(target=self._write, args=(state, is_best, protect), daemon=False,
-                                            name='checkpoint-writer')
+            self._done = threading.Event()
+            self._thread = threading.Thread(target=self._write, args=([state, is_best, protect], self._done),
+                                            daemon=False, name='checkpoint-writer')
             self._thread.start()
         else:
             self.commit(state, is_best, protect)
         self.stalls.append(time.perf_counter() - t)
 
-    def _write(self, state, is_best, protect) -> None:
+    def _write(self, job: List, done: threading.Event) -> None:
         try:
-            self.commit(state, is_best, protect)
+            self.commit(*job)
         except BaseException as e:  # reported by the next wait(), in the training thread
             self._error = e
+        finally:
+            job.clear()  # the thread lets go of the host copy before it says it is done (see wait)
+            done.set()
 
     def wait(self) -> None:
         """Wait for the write in flight. Raises CheckpointWriteError when it failed."""
         if self._thread is not None:
+            # The event, not Thread.join, takes an exception raised by a signal handler while the training thread
+            # waits (submitit's requeue, Ctrl-C): on Python < 3.13 one raised inside join() marks the running thread
+            # stopped, the interpreter then finalizes under it, and its freeing of tensors aborts the process
+            # ('terminate called without an active exception'). After the event the thread holds nothing.
+            self._done.wait()
             self._thread.join()
             self._thread = None
         if self._error is not None:

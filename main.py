@@ -435,7 +435,7 @@ def main(args):
             except (guard_lib.Divergence, engine_lib.NonFiniteStreak) as e:
                 div, error = run.as_divergence(e), str(e)  # plain data: the aborted epoch's frames are released
             start_epoch, start_step, best_acc1 = rollback(args, t, div, error)
-    finally:  # also on the way out of a requeue's SystemExit: a live TensorBoard thread aborts the interpreter's exit
+    finally:  # also on the way out of a requeue's SystemExit: no writer thread may outlive main
         manager.close()
         t.writer.close()
     if zs_assets is not None:

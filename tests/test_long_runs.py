@@ -6,7 +6,10 @@ The end-to-end runs train CLIP_TINY on 64 demo samples, 8 optimizer steps of 8 p
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -162,6 +165,37 @@ def test_manager_never_leaves_zero_usable_checkpoints_and_deletes_only_after_ver
     manager.close()
     assert [f[1] for f in manager.kept()] == [7]
 
+
+
+def test_a_signal_that_raises_while_training_waits_for_a_write_leaves_the_writer_waited_for(tmp_path, monkeypatch):
+    """submitit requeues by raising SystemExit from a signal handler wherever training is. Raised while training waits
+    for the write in flight, the writer must still run to its end before ``close`` returns: a thread the interpreter's
+    exit does not wait for aborts the process when it frees its tensors (issue 25's CI failure)."""
+    manager = checkpoints.CheckpointManager(str(tmp_path), keep=1)
+    writing, real_commit = threading.Event(), checkpoints.CheckpointManager.commit
+
+    def slow_commit(self, *job):
+        writing.set()
+        time.sleep(0.5)
+        real_commit(self, *job)
+
+    def requeue(signum, frame):
+        raise SystemExit(3)
+
+    monkeypatch.setattr(checkpoints.CheckpointManager, 'commit', slow_commit)
+    previous = signal.signal(signal.SIGALRM, requeue)
+    try:
+        manager.save(_state(1))
+        assert writing.wait(10)
+        signal.setitimer(signal.ITIMER_REAL, 0.1)
+        with pytest.raises(SystemExit):
+            manager.wait()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    manager.close()  # what main's finally does on the way out
+    assert [t for t in threading.enumerate() if t.name == 'checkpoint-writer'] == []
+    assert utils.load_checkpoint(str(tmp_path / 'checkpoint.pt'))['step'] == 1
 
 def test_host_copy_is_detached_from_the_training_tensors():
     w = torch.ones(3)
