@@ -17,6 +17,7 @@ import utils
 
 
 def get_args_parser():
+    """main.py's options (``main.get_args_parser``, the original's call, is this function)."""
     p = argparse.ArgumentParser('SLIP pre-training', add_help=False)
     a = p.add_argument
     # data
