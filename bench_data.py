@@ -73,7 +73,7 @@ def _data_configs(args):
         ds = datasets.get_train_dataset(args, utils.Tokenizer())
         ds.set_epoch(0)
         configs.append(('fast' if fmt == 'uint8' else 'fast+device_augment', ds, fmt))
-    if getattr(args, 'decode_device', None):
+    if args.decode_device:
         args.image_format = 'jpeg'
         ds = datasets.get_train_dataset(args, utils.Tokenizer())
         ds.set_epoch(0)
@@ -114,7 +114,7 @@ def bench_data(args):
     if args.stages and args.dataset != 'yfcc15m':
         raise ValueError('--stages times the yfcc15m zip reader (--dataset yfcc15m)')
     configs = _data_configs(args)
-    device = utils.resolve_device(args.device) if args.device_augment or getattr(args, 'decode_device', None) else None
+    device = utils.resolve_device(args.device) if args.device_augment or args.decode_device else None
     n = min(args.num_samples, min(len(c[1]) for c in configs))
     times, cpu, finish, decode = ({c[0]: [] for c in configs} for _ in range(4))
     stages = {}  # the decode configuration's stages apart (bench_input.stage_rows), measured once

@@ -31,6 +31,7 @@ import augment
 import device_decode
 import metadata as metadata_lib
 import models
+import options
 from augment import IMAGENET_MEAN, IMAGENET_STD, Batch, build_transforms  # noqa: F401 (re-exported)
 from demo_data import (DEMO_CLASSNAMES, DEMO_COLORS, DEMO_RGB, DEMO_SHAPES, DEMO_TEMPLATES,  # noqa: F401
                        DemoSource, DemoZeroShotDataset, demo_sample)
@@ -134,6 +135,12 @@ def _keep_spec(spec: Any, size: int, ratio: float) -> Optional[Tuple[int, int]]:
     return num_patches, augment.keep_count(num_patches, ratio)
 
 
+def _complete(args: Any) -> Any:
+    """``args`` with the options they lack at main.py's defaults (they may come from the original's code, tests or
+    benchmarks), but no metadata cache: arguments without the option (the original's) never had one."""
+    return options.complete(args, metadata_cache=None)
+
+
 def get_train_dataset(args: Any, tokenizer: Optional[Callable],
                       image_format: Optional[str] = None) -> torch.utils.data.Dataset:
     """The pre-training dataset named by ``args.dataset`` with the views of ``args.model``'s family.
@@ -141,28 +148,30 @@ def get_train_dataset(args: Any, tokenizer: Optional[Callable],
     ``image_format`` (default ``args.image_format``, else 'float'; see build_transforms) may also be 'jpeg': samples
     carry the compressed bytes and the drawn crops (device_decode.py), made by device_decode's EncodedPairMaker and
     read by its EncodedLoader, built here directly. Reads args.dataset, root, metadata, metadata_cache (a folder;
-    default none: held in memory), model, seed, ssl_view_size, ssl_mask_ratio and clip_mask_ratio (default: the
-    model's size, no masking), demo_samples (demo) and train_num_samples (wds).
+    when ``args`` lack it: none, the metadata held in memory), model, seed, ssl_view_size, ssl_mask_ratio and
+    clip_mask_ratio, demo_samples (demo), train_num_samples, batch_size and wds_shuffle_buffer (wds); the options
+    ``args`` lack are main.py's defaults (``_complete``).
     Map-style datasets and the wds IterableDataset both have ``set_epoch``; the wds one has ``num_samples``.
     """
+    image_format = image_format or getattr(args, 'image_format', 'float')  # set by bench_data.py and tests
+    args = _complete(args)
     spec = models.get_spec(args.model)
-    ssl_size = getattr(args, 'ssl_view_size', None) or spec.image_size
-    image_format = image_format or getattr(args, 'image_format', 'float')
+    ssl_size = args.ssl_view_size or spec.image_size
     jpeg = image_format == 'jpeg'  # device_augment's draws, made from the image's size alone
     clip_t, ssl_t, _ = build_transforms(spec.image_size, 'device_augment' if jpeg else image_format, ssl_size)
-    common = dict(family=spec.family, transforms=(clip_t, ssl_t), tokenizer=tokenizer, seed=getattr(args, 'seed', 0),
-                  ssl_keep=_keep_spec(spec, ssl_size, getattr(args, 'ssl_mask_ratio', 0.0)),
-                  clip_keep=_keep_spec(spec, spec.image_size, getattr(args, 'clip_mask_ratio', 0.0)))
+    common = dict(family=spec.family, transforms=(clip_t, ssl_t), tokenizer=tokenizer, seed=args.seed,
+                  ssl_keep=_keep_spec(spec, ssl_size, args.ssl_mask_ratio),
+                  clip_keep=_keep_spec(spec, spec.image_size, args.clip_mask_ratio))
     load, rerunnable = None, args.dataset != 'wds'  # a map-style dataset's samples can be made again
     if jpeg:  # and it validates its images lazily, where the per-sample path decodes them
         common['encode'] = lambda maker: device_decode.EncodedPairMaker(maker, spec.image_size, ssl_size, rerunnable)
         load = device_decode.EncodedLoader(lazy=rerunnable)
     if args.dataset == 'wds':
-        return WebDatasetPairs(args.root, getattr(args, 'train_num_samples', None), batch_size=getattr(
-            args, 'batch_size', 1), shuffle_buffer=getattr(args, 'wds_shuffle_buffer', 1000), load=load, **common)
+        return WebDatasetPairs(args.root, args.train_num_samples, batch_size=args.batch_size,
+                               shuffle_buffer=args.wds_shuffle_buffer, load=load, **common)
     if args.dataset == 'demo':
-        return ImageCaptionDataset(DemoSource(getattr(args, 'demo_samples', 20000)), name='demo', **common)
-    source = MetadataSource(args.dataset, args.root, args.metadata, getattr(args, 'metadata_cache', None), load)
+        return ImageCaptionDataset(DemoSource(args.demo_samples), name='demo', **common)
+    source = MetadataSource(args.dataset, args.root, args.metadata, args.metadata_cache, load)
     return ImageCaptionDataset(source, name=args.dataset, **common)
 
 
@@ -195,12 +204,13 @@ def get_dataset(train_transform: Callable, tokenizer: Optional[Callable], args: 
     if args.dataset == 'wds':
         raise ValueError('datasets.get_dataset (the original\'s call) reads the SLIP metadata formats and demo; '
                          'for --dataset wds use datasets.get_train_dataset')
+    args = _complete(args)
     spec = models.get_spec(args.model)
-    _, ssl_t, _ = build_transforms(spec.image_size, 'float', getattr(args, 'ssl_view_size', None) or spec.image_size)
+    _, ssl_t, _ = build_transforms(spec.image_size, 'float', args.ssl_view_size or spec.image_size)
     if args.dataset == 'demo':
-        source = DemoSource(getattr(args, 'demo_samples', 20000))
+        source = DemoSource(args.demo_samples)
     else:
-        source = MetadataSource(args.dataset, args.root, args.metadata, getattr(args, 'metadata_cache', None))
-    dataset = ImageCaptionDataset(source, spec.family, (train_transform, ssl_t), tokenizer,
-                                  seed=getattr(args, 'seed', 0), name=args.dataset)
+        source = MetadataSource(args.dataset, args.root, args.metadata, args.metadata_cache)
+    dataset = ImageCaptionDataset(source, spec.family, (train_transform, ssl_t), tokenizer, seed=args.seed,
+                                  name=args.dataset)
     return OriginalSamples(dataset, spec.family)

@@ -55,7 +55,7 @@ JPEG_MODES = ('RGB', 'L')  # JPEGs decoded as bytes; others (CMYK, 12-bit) are d
 
 def check_args(args, errors: List[str]) -> None:
     """main.py's start-up check of --decode-device: append one message per bad setting to ``errors``."""
-    decode = getattr(args, 'decode_device', 'worker')
+    decode = args.decode_device
     if decode == 'cuda' and not torch.cuda.is_available():
         errors.append('--decode-device cuda needs a CUDA GPU (nvJPEG) and none is available; use --decode-device cpu '
                       'or worker')

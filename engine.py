@@ -300,7 +300,7 @@ class Writers:
             return
         from torch.utils.tensorboard import SummaryWriter
         self.tb = SummaryWriter(os.path.join(args.output_dir, 'tensorboard'))
-        if getattr(args, 'wandb', False):
+        if args.wandb:
             import wandb
             self.wandb = wandb
             wandb.init(project='slip', id=os.path.basename(os.path.normpath(args.output_dir)),

@@ -13,9 +13,10 @@ A killed run restarted with the same command continues from <output-dir>/checkpo
 that diverges rolls back to an earlier checkpoint and skips the data that led to it (guard.py; README "Long runs").
 """
 import argparse
+import dataclasses
 import os
 import time
-import types
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -31,109 +32,8 @@ import models
 import train_data
 import utils
 import zoo
+from options import get_args_parser  # noqa: F401 (the original's main.get_args_parser)
 from utils import logger
-
-def get_args_parser():
-    p = argparse.ArgumentParser('SLIP pre-training', add_help=False)
-    a = p.add_argument
-    # data
-    a('--dataset', default='yfcc15m', choices=['yfcc15m', 'cc3m', 'cc12m', 'coco', 'redcaps', 'wds', 'demo'])
-    a('--root', default='', help='dataset root; for wds the shard pattern, e.g. "shards/{00000..00331}.tar"')
-    a('--metadata', default='yfcc15m.pkl', help='metadata file (pickle, npy or json, see README)')
-    a('--metadata-cache', default=os.path.join(os.environ.get('XDG_CACHE_HOME') or '~/.cache', 'slip', 'metadata'),
-      help='folder where the parsed metadata is cached once per node and memory-mapped by every process '
-           '(default: $XDG_CACHE_HOME/slip/metadata or ~/.cache/slip/metadata; none: parse it in every process)')
-    a('--train-num-samples', type=int, default=None, help='wds only: samples per epoch over all shards')
-    a('--wds-shuffle-buffer', type=int, default=1000,
-      help='wds only: samples each data loader worker holds for its seeded shuffle (raw bytes; decoded after the draw)')
-    a('--demo-samples', type=int, default=20000, help='demo only: generated image-caption pairs per epoch')
-    a('--max-bad-fraction', type=float, default=0.01,
-      help='stop when more than this fraction of an epoch\'s images are missing or undecodable (they are skipped)')
-    a('--output-dir', default='./', type=str)
-    # model and loss
-    a('--model', default='SLIP_VITB16', type=str, help=f'one of {", ".join(models.MODELS)}')
-    a('--ssl-mlp-dim', default=None, type=int, help='SimCLR head hidden width (default 4096; 256 for *_TINY)')
-    a('--ssl-emb-dim', default=None, type=int, help='SimCLR head output width (default 256; 64 for *_TINY)')
-    a('--ssl-head-norm', default='syncbn', choices=['syncbn', 'bn', 'ln', 'none'],
-      help='normalisation in the SimCLR head: BatchNorm synchronised across GPUs (the original, default), BatchNorm '
-           'with per-GPU statistics, LayerNorm or none (no batch statistics; ln/none change the head\'s keys)')
-    a('--ssl-scale', default=1.0, type=float, help='weight of the SimCLR loss in SLIP: clip_loss + scale * ssl_loss')
-    a('--ssl-temp', default=0.1, type=float, help='softmax temperature of the SimCLR loss')
-    a('--ssl-view-size', default=None, type=int,
-      help='pixels of the two SimCLR views (default: the model\'s input size); e.g. 112 or 160 for a 224 model: the '
-           'ViT resamples its position embeddings for them (timm), the CLIP view stays at full size')
-    a('--ssl-mask-ratio', default=0.0, type=float,
-      help='share of each SimCLR view\'s patch tokens dropped before the ViT blocks (0: none); the class token and '
-           'round((1 - ratio) x patches) random patches are kept, drawn per sample from its seeded generator')
-    a('--clip-mask-ratio', default=0.0, type=float,
-      help='the same for the CLIP view, in training only (FLIP); evaluation always sees every patch')
-    a('--legacy-clip-gather', action='store_true',
-      help='gather CLIP features without gradient as the original did (incomplete multi-GPU gradient; only for '
-           'exact reproduction of the released runs)')
-    # optimisation
-    a('--resume', default='', type=str,
-      help='checkpoint to resume from: a path, a released name (zoo.py) or an http(s) URL (default: '
-           '<output-dir>/checkpoint.pt)')
-    a('--resume-override', action='store_true',
-      help='resume even when the checkpoint was trained with other settings (model, data, batch, schedule, seed, '
-           'precision: see README); the differences are logged. Without it such a resume stops, naming them')
-    a('--epochs', default=25, type=int)
-    a('--warmup-epochs', default=1, type=int)
-    a('--start-epoch', default=0, type=int)
-    a('--batch-size', default=64, type=int, help='per process')
-    a('--lr', default=3e-3, type=float, help='peak learning rate')
-    a('--lr-start', default=1e-6, type=float, help='learning rate at the start of warm-up')
-    a('--lr-end', default=1e-5, type=float, help='floor of the cosine schedule')
-    a('--update-freq', default=1, type=int,
-      help='micro-batches per optimizer step: the same training as one batch this many times larger (exact: the '
-           'towers run twice, the loss and the SSL head once on the whole batch; see engine.py)')
-    a('--legacy-update-freq', action='store_true',
-      help='the original\'s --update-freq: each micro-batch is its own contrastive batch with its own BatchNorm '
-           'statistics (only for exact reproduction of its runs)')
-    a('--wd', default=0.1, type=float)
-    a('--betas', default=(0.9, 0.98), nargs=2, type=float)
-    a('--eps', default=1e-8, type=float)
-    a('--max-nonfinite', default=5, type=int, help='stop after this many consecutive steps with a non-finite loss')
-    # evaluation, checkpoints, logging
-    a('--eval-freq', default=1, type=int, help='epochs between zero-shot checks (a checkpoint is saved every epoch)')
-    a('--eval-dataset', default=None,
-      help='catalog dataset for the zero-shot check (default imagenet; demo for --dataset demo; none disables)')
-    a('--catalog', default=None, help='dataset_catalog.json (default: beside this script)')
-    a('--labels', default=None, help='labels.json (default: beside this script)')
-    a('--templates', default=None, help='templates.json (default: beside this script)')
-    a('--save-every-steps', default=0, type=int, help='also checkpoint every N optimizer steps within an epoch')
-    checkpoints.add_args(p)  # --keep-checkpoints, --save-every-epochs, --async-save
-    guard_lib.add_args(p)  # --divergence-guard, --guard-*, --max-rollbacks, --rollback-lr-factor
-    faults.add_args(p)  # --inject-fault, --allow-fault-injection
-    a('--print-freq', default=10, type=int, help='optimizer steps between progress lines')
-    a('--evaluate', action='store_true', help='zero-shot evaluation only')
-    a('--wandb', action='store_true', help='log to Weights & Biases (imported only then)')
-    # system
-    a('--device', default=None, help='cuda (default when available) or cpu')
-    a('--precision', default=None, choices=utils.PRECISIONS,
-      help='amp (fp16 + loss scaling), amp_bf16 (default where supported) or fp32')
-    a('--disable-amp', action='store_true', help='same as --precision fp32')
-    a('--compile', action='store_true', help='torch.compile the model')
-    a('--grad-checkpointing', action='store_true', help='recompute activations in backward to save memory')
-    a('-j', '--workers', default=10, type=int, help='data loader workers per process')
-    a('--device-augment', action='store_true',
-      help='SimCLR colour jitter, grayscale and blur run batched on the device instead of in the workers with PIL '
-           '(same distributions, other numerics; for input-bound runs)')
-    a('--decode-device', default='worker', choices=['worker', 'cpu', 'cuda'],
-      help='where JPEGs are decoded and the views cropped and resized: worker (PIL in the data loader workers, '
-           'default); cuda (the workers send the compressed bytes and drawn crops, the GPU decodes the batch with '
-           'nvImageCodec, or torchvision\'s nvJPEG call without it, and makes the views one batch ahead on a stream '
-           'of its own; the SimCLR colour ops run there as with --device-augment); cpu (the same code on the CPU in '
-           'the main process)')
-    a('--world-size', default=1, type=int, help='number of processes (set by the launchers)')
-    a('--rank', default=0, type=int)
-    a('--local_rank', '--local-rank', default=0, type=int, dest='local_rank')
-    a('--dist-url', default='env://', type=str)
-    a('--dist-backend', default='nccl', type=str, help='nccl on CUDA; CPU runs always use gloo')
-    a('--seed', default=0, type=int)
-    a('--gpu', default=None, type=int)
-    return p
-
 
 def check_args(args):
     """Refuse bad flags at start-up with one message naming each of them (never a traceback later)."""
@@ -184,9 +84,8 @@ def resolve_args(args, device):
 def resolve_view_args(args, spec):
     """Check --ssl-view-size, --ssl-mask-ratio and --clip-mask-ratio against the model; the view size defaults to
     the model's input size."""
-    size = getattr(args, 'ssl_view_size', None)
-    args.ssl_mask_ratio = float(getattr(args, 'ssl_mask_ratio', 0.0) or 0.0)
-    args.clip_mask_ratio = float(getattr(args, 'clip_mask_ratio', 0.0) or 0.0)
+    size = args.ssl_view_size
+    args.ssl_mask_ratio, args.clip_mask_ratio = float(args.ssl_mask_ratio), float(args.clip_mask_ratio)
     for flag, ratio in (('--ssl-mask-ratio', args.ssl_mask_ratio), ('--clip-mask-ratio', args.clip_mask_ratio)):
         if not 0 <= ratio < 1:
             raise ValueError(f'{flag} must be in [0, 1), got {ratio}')
@@ -206,7 +105,7 @@ def resolve_view_args(args, spec):
 def build_model(args, device):
     """The bare model on ``device``; the engine wraps it in DDP and torch.compile."""
     model = models.create_model_from_args(args.model, vars(args)).to(device)
-    if getattr(args, 'ssl_view_size', None) not in (None, models.get_spec(args.model).image_size):
+    if args.ssl_view_size not in (None, models.get_spec(args.model).image_size):
         models.set_dynamic_img_size(model.visual)  # the SimCLR views are smaller: resample the position embedding
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
@@ -329,7 +228,23 @@ def resume(args, model, optimizer, scaler, path=None):
     return ckpt.get('epoch', 0), ckpt.get('step', 0), float(ckpt.get('best_acc1', 0.0)), record
 
 
-def save(args, t, epoch, step, best_acc1, is_best=False):
+@dataclasses.dataclass
+class TrainState:
+    """What ``train``, ``save`` and ``rollback`` share during a run, built once by ``main``."""
+    model: nn.Module  # the bare model (the engine holds its DDP / compiled wrapper)
+    engine: engine_lib.Engine  # loss, optimizer, scaler and the step
+    run: guard_lib.LongRun  # long-run state: skip list, rollbacks, lr scale, the divergence guard
+    manager: checkpoints.CheckpointManager
+    loader: Any  # train_data.DeviceBatches: the epoch's batches, finished on ``device``
+    sampler: Any  # what ``set_epoch(epoch, first_batch, batch_size)`` positions (train_data.build_train_loader)
+    iters: int  # optimizer steps per epoch
+    zs_assets: Optional[tuple]  # zeroshot.load_assets: (catalog, labels, templates); None: no zero-shot check
+    tokenizer: Optional[utils.Tokenizer]  # None for a model without a text tower
+    device: torch.device
+    writer: engine_lib.Writers
+
+
+def save(args, t: TrainState, epoch, step, best_acc1, is_best=False):
     """Checkpoint at an optimizer-step boundary: ``step`` steps of ``epoch`` are done. ``t``: the run (main)."""
     for name, p in t.model.named_parameters():
         if not torch.isfinite(p).all():
@@ -345,7 +260,7 @@ def save(args, t, epoch, step, best_acc1, is_best=False):
     t.manager.save(state, is_best, protect)
 
 
-def train(args, t, start_epoch, start_step, best_acc1):
+def train(args, t: TrainState, start_epoch, start_step, best_acc1):
     """The epoch loop from ``start_step`` steps of ``start_epoch``; returns (last epoch's stats, best_acc1)."""
     t.run.start(args, t.engine, start_epoch, start_step, t.iters)  # random streams and schedule, as on resume
     stats = {}
@@ -375,7 +290,7 @@ def train(args, t, start_epoch, start_step, best_acc1):
     return stats, best_acc1
 
 
-def rollback(args, t, div, error):
+def rollback(args, t: TrainState, div, error):
     """Roll back a divergence: reload the newest checkpoint before it exactly as a resume does, record the skipped
     window (and the lr scale) and save that checkpoint again with them, so that a restart skips it too."""
     tic = time.perf_counter()
@@ -418,9 +333,9 @@ def main(args):
     kill = (lambda e, s: plan.kill_during_save(e * iters_per_epoch + s - 1)) if plan else None
     manager = checkpoints.CheckpointManager(args.output_dir, args.keep_checkpoints, args.save_every_epochs,
                                             args.async_save, kill)
-    t = types.SimpleNamespace(model=model, engine=engine, run=run, manager=manager, loader=loader, sampler=sampler,
-                              iters=iters_per_epoch, zs_assets=zs_assets, tokenizer=tokenizer, device=device,
-                              writer=engine_lib.Writers(args))
+    t = TrainState(model=model, engine=engine, run=run, manager=manager, loader=loader, sampler=sampler,
+                   iters=iters_per_epoch, zs_assets=zs_assets, tokenizer=tokenizer, device=device,
+                   writer=engine_lib.Writers(args))
     accumulation = '' if args.update_freq == 1 else \
         (' (legacy: per-micro-batch losses)' if args.legacy_update_freq else ' (exact accumulation)')
     logger.info('%s: %d processes x batch %d x update-freq %d = global batch %d%s; %d steps/epoch; precision %s; '

@@ -138,7 +138,7 @@ def resolve_job_dir(args: argparse.Namespace) -> str:
 def executor_parameters(args: argparse.Namespace) -> Dict[str, object]:
     """submitit AutoExecutor parameters: one task per GPU, as the original; no GPU asked for a CPU run."""
     tasks = max(args.ngpus, 1)
-    cpu_only = args.ngpus == 0 or str(getattr(args, 'device', None) or '').startswith('cpu')
+    cpu_only = args.ngpus == 0 or str(args.device or '').startswith('cpu')
     params = {'name': STAGES[args.stage].job_name, 'nodes': args.nodes, 'tasks_per_node': tasks,
               'gpus_per_node': 0 if cpu_only else args.ngpus, 'cpus_per_task': args.cpus_per_task,
               'mem_gb': args.mem_per_gpu * tasks, 'timeout_min': args.timeout,
@@ -169,7 +169,7 @@ def build_executor(args: argparse.Namespace, job_dir: str):
 
 def _warn_ignored_output_dir(args: argparse.Namespace) -> None:
     default = importlib.import_module(STAGES[args.stage].module).get_args_parser().get_default('output_dir')
-    if getattr(args, 'output_dir', default) != default:
+    if args.output_dir != default:
         logger.warning('the output directory %r is ignored: the job folder %r is used, as in the original',
                        args.output_dir, args.job_dir or '<shared>/%j')
 

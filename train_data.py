@@ -73,9 +73,9 @@ class EpochIndexed(torch.utils.data.Dataset):
 def image_format(args: Any) -> str:
     """What the workers send, from --decode-device and --device-augment (read here only): 'jpeg' (the bytes and the
     drawn crops), 'device_augment' (uint8 views, colour ops left to the device) or 'uint8' (finished views)."""
-    if getattr(args, 'decode_device', 'worker') not in (None, 'worker'):
+    if args.decode_device not in (None, 'worker'):
         return 'jpeg'
-    return 'device_augment' if getattr(args, 'device_augment', False) else 'uint8'
+    return 'device_augment' if args.device_augment else 'uint8'
 
 
 def build_train_loader(args: Any, tokenizer: Optional[Callable], device: torch.device
@@ -84,7 +84,7 @@ def build_train_loader(args: Any, tokenizer: Optional[Callable], device: torch.d
     dataset = datasets.get_train_dataset(args, tokenizer, image_format(args))
     common = dict(batch_size=args.batch_size, num_workers=args.workers, pin_memory=device.type == 'cuda',
                   drop_last=True, persistent_workers=args.workers > 0, prefetch_factor=4 if args.workers else None)
-    decode = getattr(args, 'decode_device', 'worker')
+    decode = args.decode_device
     if isinstance(dataset, torch.utils.data.IterableDataset):  # WebDataset: it has EpochSampler's set_epoch
         common['persistent_workers'] = False  # the epoch and resume position reach the workers when they start
         loader = torch.utils.data.DataLoader(dataset, collate_fn=Batch.collate, **common)

@@ -89,7 +89,7 @@ def init_distributed_mode(args: argparse.Namespace) -> torch.device:
     env = os.environ
     if 'RANK' in env and 'WORLD_SIZE' in env:  # torchrun / torch.distributed.launch
         rank, world_size, local_rank = int(env['RANK']), int(env['WORLD_SIZE']), int(env.get('LOCAL_RANK', 0))
-    elif 'SLURM_PROCID' in env and int(env.get('SLURM_NTASKS', getattr(args, 'world_size', 1) or 1)) > 1:
+    elif 'SLURM_PROCID' in env and int(env.get('SLURM_NTASKS', args.world_size or 1)) > 1:
         rank = int(env['SLURM_PROCID'])
         world_size = int(env.get('SLURM_NTASKS', args.world_size))
         local_rank = int(env.get('SLURM_LOCALID', 0))
@@ -102,13 +102,13 @@ def init_distributed_mode(args: argparse.Namespace) -> torch.device:
         logger.info('Slurm rendezvous %s:%s', env['MASTER_ADDR'], env['MASTER_PORT'])
     else:
         rank, world_size, local_rank = 0, 1, 0
-    device = resolve_device(getattr(args, 'device', None), local_rank)
+    device = resolve_device(args.device, local_rank)
     args.rank, args.world_size, args.local_rank, args.device = rank, world_size, local_rank, str(device)
     args.gpu = device.index if device.type == 'cuda' else None
     args.distributed = world_size > 1
     if args.distributed and not is_dist_avail_and_initialized():
         backend = 'nccl' if device.type == 'cuda' else 'gloo'
-        url = getattr(args, 'dist_url', 'env://')
+        url = args.dist_url
         dist.init_process_group(backend, init_method=url, world_size=world_size, rank=rank,
                                 timeout=datetime.timedelta(minutes=30))
         dist.barrier()

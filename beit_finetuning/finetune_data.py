@@ -109,7 +109,7 @@ def build_loaders(args: argparse.Namespace, dataset_train, dataset_val, world_si
     """
     sampler = torch.utils.data.DistributedSampler(dataset_train, num_replicas=world_size, rank=rank, shuffle=True,
                                                   seed=args.seed)
-    pin = args.pin_mem and str(getattr(args, 'device', '')).startswith('cuda')  # pinning only helps copies to a GPU
+    pin = args.pin_mem and str(args.device).startswith('cuda')  # pinning only helps copies to a GPU
     train_loader = torch.utils.data.DataLoader(
         dataset_train, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
         pin_memory=pin, drop_last=True, persistent_workers=args.num_workers > 0)

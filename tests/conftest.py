@@ -137,3 +137,34 @@ def assert_same_weights(path_a, path_b):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Real process groups: a function run in 2 processes joined by gloo (tests/test_dist.py, tests/test_engine.py)
+# ----------------------------------------------------------------------------------------------------------------
+def _gloo_worker(rank, world_size, init_file, result_dir, fn, args):
+    """One process of ``gloo_run``: joins the group, runs ``fn(rank, world_size, *args)`` and saves its result."""
+    import torch
+    import torch.distributed as dist
+    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world_size)
+    try:
+        torch.save(fn(rank, world_size, *args), os.path.join(result_dir, f'rank{rank}.pt'))
+        dist.barrier()  # no rank tears the group down while another still talks to it
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope='session')
+def gloo_run(tmp_path_factory):
+    """``gloo_run(fn, *args, world_size=2)`` runs ``fn(rank, world_size, *args)`` in ``world_size`` real processes
+    joined in a gloo process group (initialised before and destroyed after ``fn``) and returns their results, by rank.
+    ``fn`` is a module-level function (the processes are spawned); its result is made of tensors, numbers, strings,
+    lists, tuples and dicts (it travels through ``torch.save`` and ``torch.load(weights_only=True)``)."""
+    import torch
+    import torch.multiprocessing as mp
+
+    def run(fn, *args, world_size=2):
+        tmp = tmp_path_factory.mktemp('gloo')
+        mp.spawn(_gloo_worker, args=(world_size, str(tmp / 'init'), str(tmp), fn, args), nprocs=world_size, join=True)
+        return [torch.load(tmp / f'rank{rank}.pt', weights_only=True) for rank in range(world_size)]
+    return run

@@ -90,3 +90,16 @@ def test_finetune_checkpoint_without_scaler_state_is_refused_for_fp16(tmp_path):
     args.precision = 'amp_bf16'
     args.resume_override = True  # the precision differs from the file's (checked separately)
     assert rcf.resume(args, model, optimizer, torch.amp.GradScaler('cpu', enabled=False), None) == (4, 0.0)
+
+
+def test_complete_fills_only_the_missing_options_from_the_parser_defaults():
+    import options
+    loose = argparse.Namespace(model='CLIP_TINY', seed=7, image_format='uint8')
+    full = options.complete(loose, metadata_cache=None)
+    defaults = vars(main_script.get_args_parser().parse_args([]))
+    assert (full.model, full.seed, full.image_format) == ('CLIP_TINY', 7, 'uint8')  # given: kept, extras too
+    assert (full.demo_samples, full.wds_shuffle_buffer, full.ssl_mask_ratio) == \
+        (defaults['demo_samples'], defaults['wds_shuffle_buffer'], defaults['ssl_mask_ratio'])
+    assert full.metadata_cache is None and defaults['metadata_cache'] is not None  # absent= overrides the default
+    assert vars(loose) == {'model': 'CLIP_TINY', 'seed': 7, 'image_format': 'uint8'}  # a copy: args left as they are
+    assert set(vars(options.complete(argparse.Namespace()))) == set(defaults)

@@ -4,7 +4,6 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 
 import losses
@@ -35,43 +34,46 @@ def _data():
     return torch.randn(N, 4, D_IN, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
 
 
-def _make_loss(kind, legacy=False):
-    return {'clip': lambda: losses.CLIPLoss(gather_with_grad=not legacy),
-            'simclr': lambda: losses.SIMCLRLoss(0.1),
-            'slip': lambda: losses.SLIPLoss(losses.SIMCLRLoss(0.1), 0.7, gather_with_grad=not legacy)}[kind]()
+def _make_loss(kind, legacy=False, rank=None, world_size=None):
+    return {'clip': lambda: losses.CLIPLoss(gather_with_grad=not legacy, rank=rank, world_size=world_size),
+            'simclr': lambda: losses.SIMCLRLoss(0.1, rank=rank, world_size=world_size),
+            'slip': lambda: losses.SLIPLoss(losses.SIMCLRLoss(0.1, rank, world_size), 0.7, gather_with_grad=not legacy,
+                                            rank=rank, world_size=world_size)}[kind]()
 
 
-def _worker(rank, world_size, init_file, result_dir):
-    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world_size)
-    try:
-        x = _data().chunk(world_size)[rank]
-        results = {}
-        for kind, legacy in [('clip', False), ('simclr', False), ('slip', False), ('clip', True), ('slip', True)]:
-            model = nn.parallel.DistributedDataParallel(ToyHeads(), find_unused_parameters=True)
-            out = _make_loss(kind, legacy)(model(x))
-            out['loss'].backward()
-            loss = out['loss'].detach().clone()
-            dist.all_reduce(loss)
-            results[f'{kind}-{legacy}'] = (loss / world_size, {n: p.grad.clone() for n, p in model.module.named_parameters()
-                                                     if p.grad is not None})
-        # meters: a weighted average over ranks with different counts
-        meter = utils.AverageMeter()
-        meter.update(1.0 + rank, n=1 + 2 * rank)
-        meter.synchronize()
-        results['meter'] = meter.avg
-        gathered = utils.all_gather_batch([torch.full((2,), float(rank))])[0]
-        results['gather'] = gathered
-        if rank == 0:
-            torch.save(results, os.path.join(result_dir, 'dist.pt'))
-    finally:
-        dist.destroy_process_group()
+CASES = [('clip', False), ('simclr', False), ('slip', False), ('clip', True), ('slip', True)]
+
+
+def _worker(rank, world_size):
+    x = _data().chunk(world_size)[rank]
+    results = {}
+    for kind, legacy in CASES:
+        model = nn.parallel.DistributedDataParallel(ToyHeads(), find_unused_parameters=True)
+        out = _make_loss(kind, legacy)(model(x))
+        out['loss'].backward()
+        loss = out['loss'].detach().clone()
+        results[f'{kind}-{legacy}-local'] = loss.clone()  # this rank's own loss, before the average over ranks
+        dist.all_reduce(loss)
+        results[f'{kind}-{legacy}'] = (loss / world_size, {n: p.grad.clone() for n, p in model.module.named_parameters()
+                                                 if p.grad is not None})
+    # meters: a weighted average over ranks with different counts
+    meter = utils.AverageMeter()
+    meter.update(1.0 + rank, n=1 + 2 * rank)
+    meter.synchronize()
+    results['meter'] = meter.avg
+    gathered = utils.all_gather_batch([torch.full((2,), float(rank))])[0]
+    results['gather'] = gathered
+    return results
 
 
 @pytest.fixture(scope='module')
-def dist_results(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp('dist')
-    mp.spawn(_worker, args=(2, str(tmp / 'init'), str(tmp)), nprocs=2, join=True)
-    return torch.load(tmp / 'dist.pt', weights_only=True)
+def all_ranks(gloo_run):
+    return gloo_run(_worker)
+
+
+@pytest.fixture(scope='module')
+def dist_results(all_ranks):
+    return all_ranks[0]
 
 
 def _single(kind):
@@ -105,6 +107,27 @@ def test_meter_and_gather_across_ranks(dist_results):
     # rank 0: value 1 weight 1; rank 1: value 2 weight 3 -> (1 + 6) / 4
     assert dist_results['meter'] == pytest.approx(7 / 4)
     assert dist_results['gather'].tolist() == [0.0, 0.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize('kind,legacy', CASES)
+def test_one_process_playing_each_rank_gives_the_gloo_losses_and_gradients(all_ranks, kind, legacy):
+    """losses.py's ``gathered=``: one process playing rank r of 2 (its local outputs, the global batch's outputs)
+    computes rank r's loss of the real 2-process run, and the mean over ranks of its gradient is the DDP-averaged
+    gradient of that run (the legacy gather's incomplete one included)."""
+    model = ToyHeads()
+    data = _data()
+    whole = model(data)
+    total = 0
+    for rank, x in enumerate(data.chunk(2)):
+        out = _make_loss(kind, legacy, rank=rank, world_size=2)(model(x), gathered=whole)
+        torch.testing.assert_close(out['loss'].detach(), all_ranks[rank][f'{kind}-{legacy}-local'])
+        total = total + out['loss'] / 2
+    total.backward()
+    loss, grads = all_ranks[0][f'{kind}-{legacy}']
+    torch.testing.assert_close(total.detach(), loss)
+    assert set(grads) == {n for n, p in model.named_parameters() if p.grad is not None}
+    for name, g in grads.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, g, msg=name)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -3,12 +3,9 @@
 Exactness is asserted in float64, so that only a real difference (not float32 summation order) can fail it.
 """
 import copy
-import os
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from timm.layers import DropPath
 
 import augment
@@ -142,28 +139,21 @@ def test_nonfinite_step_is_skipped_and_counted_then_stops(monkeypatch, exact):
 DIST_CASES = {'CLIP_TINY': {}, 'SLIP_TINY': {'ssl_head_norm': 'ln'}}  # CPU ranks share no BatchNorm statistics
 
 
-def _dist_worker(rank, world_size, init_file, out_dir):
-    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world_size)
-    try:
-        results = {}
-        for name, kw in DIST_CASES.items():
-            torch.manual_seed(0)
-            model = models.create_model(name, **kw).double()
-            eng = _engine(model, name, update_freq=2, distributed=True)
-            local = _batch(name, 16).chunk(world_size)[rank]
-            metrics, finite = eng.forward_backward(local.chunk(2))
-            results[name] = {'grads': {n: p.grad for n, p in model.named_parameters()}, 'finite': finite}
-        if rank == 0:
-            torch.save(results, os.path.join(out_dir, 'grads.pt'))
-    finally:
-        dist.destroy_process_group()
+def _dist_worker(rank, world_size):
+    results = {}
+    for name, kw in DIST_CASES.items():
+        torch.manual_seed(0)
+        model = models.create_model(name, **kw).double()
+        eng = _engine(model, name, update_freq=2, distributed=True)
+        local = _batch(name, 16).chunk(world_size)[rank]
+        metrics, finite = eng.forward_backward(local.chunk(2))
+        results[name] = {'grads': {n: p.grad for n, p in model.named_parameters()}, 'finite': finite}
+    return results
 
 
 @pytest.fixture(scope='module')
-def dist_grads(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp('engine_dist')
-    mp.spawn(_dist_worker, args=(2, str(tmp / 'init'), str(tmp)), nprocs=2, join=True)
-    return torch.load(tmp / 'grads.pt', weights_only=True)
+def dist_grads(gloo_run):
+    return gloo_run(_dist_worker)[0]
 
 
 @pytest.mark.dist

@@ -26,7 +26,7 @@ LAYERS: Dict[str, str] = {
     'engine': MIDDLE, 'guard': MIDDLE, 'checkpoints': MIDDLE, 'faults': MIDDLE,
     'models': MIDDLE, 'towers': MIDDLE, 'losses': MIDDLE, 'zoo': MIDDLE,
     'datasets': MIDDLE, 'device_decode': MIDDLE, 'samples': MIDDLE, 'wds_data': MIDDLE, 'demo_data': MIDDLE,
-    'downstream': MIDDLE, 'train_data': MIDDLE, 'zeroshot': MIDDLE,
+    'downstream': MIDDLE, 'train_data': MIDDLE, 'zeroshot': MIDDLE, 'options': MIDDLE,
     # floor: what everything may use
     'augment': FLOOR, 'views': FLOOR, 'batch_views': FLOOR, 'jpeg_decoders': FLOOR, 'metadata': FLOOR, 'utils': FLOOR,
     'progress': FLOOR,

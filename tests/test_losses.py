@@ -117,3 +117,77 @@ def test_simclr_loss_runs_under_fp16_autocast_and_matches_fp32():
         half = loss(out)['loss']
     assert torch.isfinite(half)
     torch.testing.assert_close(half.float(), reference, rtol=1e-2, atol=1e-2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rank r of W played in one process: the loss's rank and world size, the global batch passed as ``gathered``
+# (tests/test_dist.py checks the same against 2 real gloo processes)
+# ----------------------------------------------------------------------------------------------------------------
+def _loss(kind, rank=None, world_size=None, legacy=False):
+    if kind == 'clip':
+        return losses.CLIPLoss(gather_with_grad=not legacy, rank=rank, world_size=world_size)
+    if kind == 'simclr':
+        return losses.SIMCLRLoss(0.2, rank=rank, world_size=world_size)
+    return losses.SLIPLoss(losses.SIMCLRLoss(0.2, rank, world_size), 0.5, not legacy, rank, world_size)
+
+
+def _rank_slice(out, rank, world_size):
+    """Rank ``rank``'s outputs: its rows of every embedding (views of the global leaves), the shared logit scale."""
+    n = out['image_embed'].shape[0] // world_size
+    return {k: v if v.dim() == 0 else v[rank * n:(rank + 1) * n] for k, v in out.items()}
+
+
+@pytest.mark.parametrize('kind', ['clip', 'simclr', 'slip'])
+@pytest.mark.parametrize('world_size', [2, 4])
+def test_mean_over_played_ranks_equals_the_full_batch_loss_and_gradient(kind, world_size):
+    """Labels offset by rank x local batch and columns over the whole batch: the ranks' mean loss (what DDP trains)
+    is the loss of one process with the whole batch, and so is its gradient for every output."""
+    out = _embeds(n=8, seed=4)
+    per_rank = [_loss(kind, r, world_size)(_rank_slice(out, r, world_size), gathered=out) for r in range(world_size)]
+    mean = sum(r['loss'] for r in per_rank) / world_size
+    full = _loss(kind)(out)['loss']
+    torch.testing.assert_close(mean, full)
+    _check_grads_close(mean, full, out)
+    assert not torch.allclose(per_rank[0]['loss'], per_rank[1]['loss'])  # each rank has a loss of its own
+
+
+def test_played_rank_finds_its_positives_at_its_offset():
+    n, world_size = 4, 2
+    eye = torch.eye(n * world_size, 8)
+    whole = {'image_embed': eye, 'text_embed': eye, 'aug1_embed': eye, 'aug2_embed': eye,
+             'logit_scale': torch.tensor(10.0)}
+    for rank in range(world_size):
+        result = _loss('slip', rank, world_size)(_rank_slice(whole, rank, world_size), gathered=whole)
+        # rank 1's positives are columns 4-7: labels 0-3 (no offset) would count none of them
+        assert (result['clip_acc'].item(), result['ssl_acc'].item()) == (100.0, 100.0)
+
+
+def test_gradient_of_a_played_rank_reaches_other_ranks_samples_only_with_the_gather_with_grad():
+    """With gradient, rank 0's loss sends a gradient to rank 1's samples (as columns, through the all-gather); the
+    original's gather (``gather_with_grad=False``) gives the same loss but sends none, and rank 0's own samples get
+    theirs through its rows only -- as in a real run, where the gathered copy of the own slice has no gradient."""
+    out = _embeds(n=8, seed=5)
+    grads = {}
+    for legacy in (False, True):
+        loss = _loss('clip', 0, 2, legacy)(_rank_slice(out, 0, 2), gathered=out)['loss']
+        grads[legacy] = torch.autograd.grad(loss, [out['image_embed']])[0]
+        grads[legacy, 'loss'] = loss.detach()
+    torch.testing.assert_close(grads[True, 'loss'], grads[False, 'loss'])
+    assert torch.count_nonzero(grads[False][4:]).item() == 4 * 5 and torch.count_nonzero(grads[True][4:]).item() == 0
+    assert torch.count_nonzero(grads[True][:4]).item() == 4 * 5
+    assert not torch.allclose(grads[True][:4], grads[False][:4])  # without the own slice's columns
+
+
+def test_rank_and_world_size_default_to_a_single_process_without_a_process_group():
+    out = _embeds(seed=6)
+    torch.testing.assert_close(losses.CLIPLoss()(out)['loss'], losses.CLIPLoss(rank=0, world_size=1)(out)['loss'])
+    slip = losses.loss_for_family('slip', rank=1, world_size=2)
+    assert (slip.clip_loss.rank, slip.clip_loss.world_size, slip.ssl_loss.rank, slip.ssl_loss.world_size) == \
+        (1, 2, 1, 2)
+    with pytest.raises(ValueError, match='pass gathered= to play a rank in one process'):
+        losses.CLIPLoss(rank=0, world_size=2)(out)
+    with pytest.raises(ValueError, match=r'rank must be in \[0, world_size\), got rank 2 of world size 2'):
+        losses.SIMCLRLoss(rank=2, world_size=2)(out, gathered=out)
+    with pytest.raises(ValueError, match=r'gathered features of shape \(6, 5\): expected world size x local batch '
+                                         r'\(3 x 6\) rows of \(5,\)'):
+        losses.CLIPLoss(rank=0, world_size=3)(out, gathered=out)
