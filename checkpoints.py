@@ -264,7 +264,8 @@ def write_verified(state: Dict[str, Any], path: str, kill_after: Optional[int] =
 
 
 def verify(path: str, size: int, sha256: str) -> None:
-    """Check that ``path`` holds ``size`` bytes hashing to ``sha256`` and opens with torch.load(weights_only=True)."""
+    """Check that ``path`` holds ``size`` bytes hashing to ``sha256`` and opens with torch.load(weights_only=True)
+    under ``load_checkpoint``'s allow-list."""
     actual = os.path.getsize(path)
     if actual != size:
         raise CheckpointWriteError(f'checkpoint {path}: {actual} bytes on disk, {size} written')
@@ -275,7 +276,8 @@ def verify(path: str, size: int, sha256: str) -> None:
     if digest.hexdigest() != sha256:
         raise CheckpointWriteError(f'checkpoint {path}: the bytes read back differ from those written (sha256)')
     try:  # mmap: the format and the pickle are checked, the tensor bytes were by the hash
-        torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            torch.load(path, map_location='cpu', weights_only=True, mmap=True)
     except Exception as e:
         raise CheckpointWriteError(f'checkpoint {path} does not load with weights_only=True: {e}') from e
 
