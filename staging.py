@@ -37,12 +37,13 @@ def _kind(t: torch.Tensor) -> Tuple[torch.dtype, Tuple[int, ...], bool]:
 
 def reserve_host_buffers(obj: Any, cache: Dict) -> int:
     """Allocate what ``cache`` lacks for a host copy of ``obj``: a buffer per tensor, by dtype, shape and whether the
-    tensor is on CUDA (its buffer is pinned then). Returns the bytes allocated."""
+    tensor is on CUDA (its buffer is pinned then; others are written once now, so that the first save does not fault
+    their pages in). Returns the bytes allocated."""
     allocated = 0
     for (dtype, shape, pin), n in Counter(map(_kind, _tensors(obj))).items():
         have = cache.setdefault((dtype, shape, pin), [])
         while len(have) < n:
-            have.append(torch.empty(shape, dtype=dtype, pin_memory=pin))
+            have.append(torch.empty(shape, dtype=dtype, pin_memory=pin) if pin else torch.zeros(shape, dtype=dtype))
             allocated += have[-1].nbytes
     return allocated
 
