@@ -184,3 +184,20 @@ def test_async_saves_equal_synchronous_ones_bitwise_while_training_changes_the_m
     second = torch.load(tmp_path / 'async' / 'checkpoint_e0_s1.pt', weights_only=True)['state_dict']
     assert not torch.equal(first['logit_scale'], second['logit_scale'])  # the second save saw the model change
     assert not torch.equal(second['logit_scale'], model.state_dict()['logit_scale'])  # and not what came after
+
+
+def test_bench_save_times_the_chosen_modes_only_and_summarizes_the_saves_after_the_first(tmp_path):
+    import argparse
+
+    import bench_save
+    args = bench_save.get_args_parser().parse_args(['--model', 'CLIP_TINY', '--saves', '3', '--modes', 'async',
+                                                    '--output-dir', str(tmp_path)])
+    assert args.modes == ('async',)
+    rows = bench_save.bench_save(args)
+    assert [(r['mode'], r['save']) for r in rows] == [('async', 0), ('async', 1), ('async', 2)]
+    summary = bench_save.summarize(rows)
+    steady = sorted(r['stall_s'] for r in rows[1:])
+    assert list(summary) == ['async'] and summary['async']['stall_s'] == (steady[0] + steady[1]) / 2
+    assert summary['async']['saves'] == 2
+    with pytest.raises(SystemExit):
+        argparse.ArgumentParser(parents=[bench_save.get_args_parser()]).parse_args(['--modes', 'async,fast'])
