@@ -111,7 +111,7 @@ class HostStaging:
         self.stream.wait_stream(current)  # after the queued steps that wrote the tensors
         with torch.cuda.stream(self.stream):
             staged = host_copy(obj, self.cache)
-        done = torch.cuda.Event()
+        done = torch.cuda.Event(blocking=True)  # the writer sleeps on it rather than spins
         done.record(self.stream)
         current.wait_event(done)  # later in-place updates (and reuse of freed memory) come after the copies
         return staged, done
