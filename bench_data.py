@@ -19,6 +19,7 @@ import torch
 import augment
 import bench_input
 import bench_original
+import checkpoints
 import device_decode
 import samples
 import utils
@@ -273,10 +274,8 @@ def make_caption_fixture(path, n, seed=0):
         m = min(100_000, n - start)
         titles, descs = words[rng.integers(len(WORDS), size=(m, 6))], words[rng.integers(len(WORDS), size=(m, 14))]
         records += [(10_000_000 + start + k, ' '.join(titles[k]), ' '.join(descs[k])) for k in range(m)]
-    tmp = path + '.tmp'
-    with open(tmp, 'wb') as f:
+    with checkpoints.atomic_write(path) as f:
         pickle.dump(records, f, protocol=pickle.HIGHEST_PROTOCOL)
-    os.replace(tmp, path)
 
 
 def _read_records(ds, order, seconds):

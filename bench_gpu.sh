@@ -8,6 +8,9 @@
 # Then --decode-device cuda (nvJPEG) against the worker paths: host CPU and GPU time per sample, and end to end.
 set -euo pipefail
 PY=${PYTHON:-python}
+# First, as it fits a short slot: the steady-state training stall per background save of SLIP_VITB16 (1953 MB; goal
+# <= 0.1 s): host buffers reserved before the first step, the copies enqueued on a side stream (issue 25).
+timeout 90 $PY bench_save.py --model SLIP_VITB16 --device cuda --modes async --saves 3 || echo "bench_save: exit $?"
 for model in CLIP_VITB16 SLIP_VITB16; do
   $PY bench.py train --model $model --batch-size 128 --precision amp_bf16 --device cuda --steps 20 --warmup 5 --compare
   $PY bench.py train --model $model --batch-size 128 --precision amp_bf16 --device cuda --steps 20 --warmup 5 --compile

@@ -36,6 +36,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
+import checkpoints
 import models
 import utils
 import zeroshot
@@ -144,10 +145,8 @@ def build_model(ckpt: Dict, path: str, name: Optional[str] = None, device: Any =
 
 
 def _write_json(path: str, data: Any) -> None:
-    tmp = f'{path}.tmp.{os.getpid()}'
-    with open(tmp, 'w') as f:
+    with checkpoints.atomic_write(path, text=True) as f:
         json.dump(data, f, indent=2)
-    os.replace(tmp, path)
 
 
 def export(checkpoint: str, output_dir: str, model_name: Optional[str] = None) -> Tuple[str, Any]:
@@ -162,9 +161,9 @@ def export(checkpoint: str, output_dir: str, model_name: Optional[str] = None) -
         _write_json(os.path.join(output_dir, TIMM_DIR, 'config.json'), timm_cfg)
     resnet = 'timm_model_name' not in config['model_cfg']['vision_cfg']
     weights = to_open_clip_state_dict(ckpt['state_dict'], resnet)
-    tmp = os.path.join(output_dir, f'.{WEIGHTS}.tmp.{os.getpid()}')
-    save_file(weights, tmp, metadata={'format': 'pt', 'source': os.path.basename(str(checkpoint)), 'model': spec.name})
-    os.replace(tmp, os.path.join(output_dir, WEIGHTS))
+    with checkpoints.atomic_write(os.path.join(output_dir, WEIGHTS)) as f:  # safetensors writes the path itself
+        save_file(weights, f.name,
+                  metadata={'format': 'pt', 'source': os.path.basename(str(checkpoint)), 'model': spec.name})
     _write_json(os.path.join(output_dir, CONFIG), config)
     utils.logger.info('exported %s (%s) to %s', checkpoint, spec.name, output_dir)
     return output_dir, model

@@ -333,6 +333,7 @@ def main(args):
     kill = (lambda e, s: plan.kill_during_save(e * iters_per_epoch + s - 1)) if plan else None
     manager = checkpoints.CheckpointManager(args.output_dir, args.keep_checkpoints, args.save_every_epochs,
                                             args.async_save, kill)
+    manager.reserve(checkpoints.state_like(model, engine.optimizer))  # the saves' host buffers, once, before step 1
     t = TrainState(model=model, engine=engine, run=run, manager=manager, loader=loader, sampler=sampler,
                    iters=iters_per_epoch, zs_assets=zs_assets, tokenizer=tokenizer, device=device,
                    writer=engine_lib.Writers(args))

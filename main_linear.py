@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 import augment
+import checkpoints
 import datasets
 import models
 import utils
@@ -287,7 +288,7 @@ def main(args):
         head_weights = {f'head.{k}': v for k, v in head.state_dict().items()}
         state = {'epoch': epoch + 1, 'arch': args.arch, 'state_dict': head_weights, 'best_acc1': float(best_acc1),
                  'optimizer': optimizer.state_dict(), 'args': args}
-        utils.save_checkpoint(state, is_best, args.output_dir, 'linear_checkpoint.pt', 'linear_best.pt')
+        checkpoints.save_checkpoint(state, is_best, args.output_dir, 'linear_checkpoint.pt', 'linear_best.pt')
         if utils.is_main_process():
             utils.append_json_line(log_path, stats)
         logger.info('epoch %d: %s (best top-1 %.2f)', epoch, stats, best_acc1)

@@ -26,6 +26,7 @@ from urllib.parse import unquote
 
 import numpy as np
 
+import checkpoints
 import metadata
 import progress
 
@@ -89,10 +90,8 @@ def select_captions(lines: Iterable[str], downloaded: Set[int], subset: Set[int]
 
 
 def _dump(obj, path: str) -> None:
-    tmp = path + '.tmp'
-    with open(tmp, 'wb') as f:
+    with checkpoints.atomic_write(path) as f:  # never leave a half-written file under the final name
         pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL)
-    os.replace(tmp, path)  # never leave a half-written file under the final name
 
 
 def get_args_parser() -> argparse.ArgumentParser:

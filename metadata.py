@@ -28,13 +28,13 @@ import os
 import pickle
 import re
 import struct
-import tempfile
 import time
 import zlib
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+import checkpoints
 import progress
 
 logger = logging.getLogger('slip')
@@ -324,41 +324,23 @@ def cache_path(cache_dir: str, dataset: str, path: str) -> str:
 
 
 def write_cache(target: str, compact: CompactMetadata, key: dict) -> None:
-    """Write ``compact`` to ``target`` atomically (temporary file, fsync, rename, fsync of the folder)."""
-    folder = os.path.dirname(target) or '.'
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(target) + '.', suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            f.write(_MAGIC.ljust(_ALIGN, b'\0'))
-            crc, entries, pos = 0, {}, _ALIGN
-            for name, array in compact.arrays.items():
-                raw = np.ascontiguousarray(array).view(np.uint8).reshape(-1).data
-                entries[name] = {'dtype': array.dtype.str, 'shape': list(array.shape), 'offset': pos}
-                f.write(raw)
-                crc = zlib.crc32(raw, crc)
-                pad = -(pos + len(raw)) % _ALIGN
-                f.write(b'\0' * pad)
-                crc = zlib.crc32(b'\0' * pad, crc)
-                pos += len(raw) + pad
-            header = json.dumps({'key': key, 'dataset': compact.dataset, 'per': compact.per, 'arrays': entries,
-                                 'crc32': crc}).encode()
-            f.write(header)
-            f.write(_TRAILER.pack(pos, len(header), _END_MAGIC))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:  # some filesystems cannot fsync a folder; the rename itself is still atomic
-        pass
+    """Write ``compact`` to ``target`` atomically (checkpoints.atomic_write: temporary file, fsync, rename)."""
+    with checkpoints.atomic_write(target) as f:
+        f.write(_MAGIC.ljust(_ALIGN, b'\0'))
+        crc, entries, pos = 0, {}, _ALIGN
+        for name, array in compact.arrays.items():
+            raw = np.ascontiguousarray(array).view(np.uint8).reshape(-1).data
+            entries[name] = {'dtype': array.dtype.str, 'shape': list(array.shape), 'offset': pos}
+            f.write(raw)
+            crc = zlib.crc32(raw, crc)
+            pad = -(pos + len(raw)) % _ALIGN
+            f.write(b'\0' * pad)
+            crc = zlib.crc32(b'\0' * pad, crc)
+            pos += len(raw) + pad
+        header = json.dumps({'key': key, 'dataset': compact.dataset, 'per': compact.per, 'arrays': entries,
+                             'crc32': crc}).encode()
+        f.write(header)
+        f.write(_TRAILER.pack(pos, len(header), _END_MAGIC))
 
 
 def _verify_crc(f, end: int, expected: int) -> None:

@@ -1,8 +1,11 @@
-"""Shared helpers: distributed setup and gathers, schedule, meters, AMP, checkpoint funnel, tokenizer, logging.
+"""Shared helpers: distributed setup and gathers, schedule, meters, AMP, resume checks, tokenizer, logging.
 
 Everything degrades to a single process: without a process group, rank is 0, world size 1 and the gathers return
 their input. The device is resolved once in ``init_distributed_mode`` and passed down; nothing here hard-codes a
 CUDA device.
+
+Checkpoint files (the safe loader, ``save_checkpoint``, ``CheckpointError``) are checkpoints.py's; they are
+re-exported here, so ``utils.load_checkpoint`` and the other names keep working.
 
 References: MAE/DeiT ``util/misc.py`` (MetricLogger shape), SLIP ``utils.py`` (GatherLayer semantics).
 """
@@ -11,7 +14,6 @@ import datetime
 import json
 import logging
 import os
-import pathlib
 import re
 from collections import defaultdict
 from contextlib import nullcontext
@@ -20,6 +22,10 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from checkpoints import (  # noqa: F401 (re-exported: utils.load_checkpoint, utils.CheckpointError, ...)
+    LEGACY_PREFIXES, NUMPY_SCALAR, SAFE_GLOBALS, CheckpointError, _plain, args_to_dict, current_model_name,
+    load_checkpoint, save_checkpoint, strip_prefix)
 
 logger = logging.getLogger('slip')
 
@@ -274,121 +280,9 @@ def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Checkpoints: one funnel for every script
+# Checkpoints: the files are checkpoints.py's (re-exported here: the original's calls and ours keep working); here
+# the checks of what a loaded checkpoint holds
 # ----------------------------------------------------------------------------------------------------------------
-class CheckpointError(RuntimeError):
-    pass
-
-
-# Objects that released SLIP checkpoints pickle besides tensors: the argparse Namespace of the run and, for runs
-# launched by submitit, pathlib paths inside it. Nothing else is ever unpickled.
-# The function numpy pickles a scalar with (numpy._core.multiarray.scalar), reached through the public pickle protocol
-# rather than numpy's private module path, which moved between numpy 1 and 2.
-NUMPY_SCALAR = np.float64(0).__reduce__()[0]
-SAFE_GLOBALS = [argparse.Namespace, pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath,
-                pathlib.PureWindowsPath, np.dtype, NUMPY_SCALAR, type(np.dtype(np.float64))]
-
-
-def _plain(value: Any) -> Any:
-    """Arguments as JSON-like primitives, so new checkpoints load with weights_only=True."""
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    if isinstance(value, (list, tuple)):
-        return type(value)(_plain(v) for v in value)
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, np.generic):
-        return value.item()
-    return str(value)
-
-
-def args_to_dict(args: Any) -> Dict[str, Any]:
-    if args is None:
-        return {}
-    return _plain(dict(vars(args)) if isinstance(args, argparse.Namespace) else dict(args))
-
-
-def save_checkpoint(state: Dict[str, Any], is_best: bool, output_dir: str, filename: str = 'checkpoint.pt',
-                    best_filename: str = 'checkpoint_best.pt') -> None:
-    """Write ``output_dir/filename`` atomically (temporary file, fsync, rename) on rank 0 only.
-
-    A kill at any moment leaves either the previous complete file or the new complete file, never a partial one.
-    """
-    if not is_main_process():
-        return
-    state = dict(state)
-    if 'args' in state:
-        state['args'] = args_to_dict(state['args'])
-    os.makedirs(output_dir, exist_ok=True)
-    targets = [filename] + ([best_filename] if is_best else [])
-    for name in targets:
-        path = os.path.join(output_dir, name)
-        tmp = f'{path}.tmp.{os.getpid()}'
-        try:
-            with open(tmp, 'wb') as f:
-                torch.save(state, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:  # interrupted (e.g. by a requeue signal): drop the partial file, keep the old one
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
-
-
-def strip_prefix(state_dict: Dict[str, torch.Tensor], prefix: str = 'module.') -> Dict[str, torch.Tensor]:
-    return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state_dict.items()}
-
-
-# Early released checkpoints store SLIP under its pre-release name in args.model (SLIP issue #3).
-LEGACY_PREFIXES = {'CLIP_SIMCLR_': 'SLIP_'}
-
-
-def current_model_name(name: str) -> str:
-    """A model name with a legacy prefix (``CLIP_SIMCLR_*``) replaced by today's (``SLIP_*``); others unchanged."""
-    for old, new in LEGACY_PREFIXES.items():
-        if name.startswith(old):
-            return new + name[len(old):]
-    return name
-
-
-def load_checkpoint(path: str, map_location: Any = 'cpu') -> Dict[str, Any]:
-    """Load a local checkpoint file of ours or a released SLIP one, safely, as a plain dict.
-
-    Under ``torch.load(weights_only=True)`` with an allow-list (Namespace, pathlib paths): no arbitrary object is
-    ever unpickled. The result has ``state_dict`` without the DDP ``module.`` prefix, ``args`` as a dict and the
-    legacy model name ``CLIP_SIMCLR_*`` mapped to ``SLIP_*``. A released name or an http(s) URL is first turned
-    into a local file by ``zoo.load_checkpoint``, which then calls this.
-
-    Raises:
-        CheckpointError: naming the file when it is missing, truncated, not a checkpoint or holds unsafe objects.
-    """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise CheckpointError(f'checkpoint {path!r} does not exist')
-    try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
-            ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # torch raises several types for truncated / foreign / unsafe files
-        raise CheckpointError(f'cannot load checkpoint {path!r}: it is truncated, not a PyTorch checkpoint, or '
-                              f'holds objects outside the allow-list ({type(e).__name__}: {str(e)[:300]})') from e
-    if not isinstance(ckpt, dict):
-        raise CheckpointError(f'checkpoint {path!r} holds a {type(ckpt).__name__}, expected a dict')
-    ckpt = dict(ckpt)
-    if 'state_dict' not in ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
-        ckpt = {'state_dict': ckpt}  # a bare state_dict
-    for alias in ('model', 'module'):  # BEiT / MAE / DeiT files keep their weights under these keys
-        if 'state_dict' not in ckpt and isinstance(ckpt.get(alias), dict):
-            ckpt['state_dict'] = ckpt[alias]
-    if 'state_dict' not in ckpt:
-        raise CheckpointError(f'checkpoint {path!r} has no "state_dict" (keys: {sorted(ckpt)[:10]})')
-    ckpt['state_dict'] = strip_prefix(ckpt['state_dict'])
-    ckpt['args'] = args_to_dict(ckpt.get('args'))
-    if isinstance(ckpt['args'].get('model'), str):
-        ckpt['args']['model'] = current_model_name(ckpt['args']['model'])
-    return ckpt
-
-
 def check_resume_args(stored: Dict[str, Any], new: Dict[str, Any], fields: Sequence[str], path: str,
                       override: bool, override_flag: str = '--resume-override', dash: bool = True) -> List[str]:
     """Compare the training-defining arguments of a checkpoint with the new run's before resuming from it.

@@ -14,12 +14,12 @@ import hashlib
 import http.client
 import os
 import sys
-import tempfile
 import time
 import urllib.parse
 import urllib.request
 from typing import Any, Dict, NamedTuple, Optional
 
+import checkpoints
 import utils
 
 BASE_URL = 'https://dl.fbaipublicfiles.com/slip/'
@@ -97,35 +97,26 @@ def download(url: str, path: str, timeout: float = 60.0, progress: bool = True) 
     Raises:
         utils.CheckpointError: naming the URL on an HTTP error or a transfer shorter / longer than announced.
     """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f'.{os.path.basename(path)}.', suffix='.part')
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     name, done, total = os.path.basename(path), 0, None
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            try:
-                with urllib.request.urlopen(url, timeout=timeout) as response:
-                    length = response.headers.get('Content-Length')
-                    total = int(length) if length and length.isdigit() else None
-                    last = 0.0
-                    while chunk := response.read(1 << 20):
-                        f.write(chunk)
-                        done += len(chunk)
-                        if progress and time.monotonic() - last > 0.5:
-                            _progress(name, done, total)
-                            last = time.monotonic()
-            except (OSError, http.client.HTTPException) as e:  # URLError, HTTPError, timeout, IncompleteRead
-                raise utils.CheckpointError(f'download of {url!r} failed after {done} bytes: {e!r}') from e
-            if total is not None and done != total:
-                raise utils.CheckpointError(f'download of {url!r} is truncated: {done} of {total} bytes received')
-            f.flush()
-            os.fsync(f.fileno())
+    with checkpoints.atomic_write(path) as f:  # a failed or short download leaves no file under the final name
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response:
+                length = response.headers.get('Content-Length')
+                total = int(length) if length and length.isdigit() else None
+                last = 0.0
+                while chunk := response.read(1 << 20):
+                    f.write(chunk)
+                    done += len(chunk)
+                    if progress and time.monotonic() - last > 0.5:
+                        _progress(name, done, total)
+                        last = time.monotonic()
+        except (OSError, http.client.HTTPException) as e:  # URLError, HTTPError, timeout, IncompleteRead
+            raise utils.CheckpointError(f'download of {url!r} failed after {done} bytes: {e!r}') from e
+        if total is not None and done != total:
+            raise utils.CheckpointError(f'download of {url!r} is truncated: {done} of {total} bytes received')
         if progress:
             _progress(name, done, total, final=True)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
 
 

@@ -30,6 +30,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.utils import ModelEmaV3
 
+import checkpoints
 import utils
 import zoo
 from beit_finetuning import engine, finetune_data, finetune_model
@@ -231,9 +232,9 @@ def save(args, epoch, model, optimizer, scaler, model_ema, best_acc1, is_best):
              'scaler': scaler.state_dict(), 'best_acc1': best_acc1, 'args': args}
     if model_ema is not None:
         state['model_ema'] = model_ema.module.state_dict()
-    utils.save_checkpoint(state, is_best, args.output_dir, 'checkpoint-last.pth', 'checkpoint-best.pth')
-    if (epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == args.epochs:
-        utils.save_checkpoint(state, False, args.output_dir, f'checkpoint-{epoch}.pth')
+    last = checkpoints.save_checkpoint(state, is_best, args.output_dir, 'checkpoint-last.pth', 'checkpoint-best.pth')
+    if last and ((epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == args.epochs):  # rank 0 wrote it
+        checkpoints.link(last, os.path.join(args.output_dir, f'checkpoint-{epoch}.pth'))  # the same file, kept
 
 
 def log_epoch(args, stats, writer):

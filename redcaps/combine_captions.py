@@ -10,7 +10,12 @@ concatenated and written, as one JSON list, atomically to ``--output``.
 import argparse
 import json
 import os
+import sys
 from typing import Any, Dict, List
+
+if __package__ in (None, ''):  # run as a script (python redcaps/combine_captions.py): the repository root is above
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import checkpoints  # noqa: E402 (after the path, as a script)
 
 REQUIRED_KEYS = ('image_id', 'subreddit', 'caption')  # what datasets.py needs of every annotation
 
@@ -53,10 +58,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> None:
     annotations = combine(args.input)
-    tmp = args.output + '.tmp'
-    with open(tmp, 'w') as f:
+    with checkpoints.atomic_write(args.output, text=True) as f:
         json.dump(annotations, f)
-    os.replace(tmp, args.output)
     print(f'=> wrote {len(annotations)} annotations to {args.output}')
 
 

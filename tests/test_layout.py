@@ -23,13 +23,13 @@ LAYERS: Dict[str, str] = {
     'bench': STAGE, 'bench_train': STAGE, 'bench_data': STAGE, 'bench_save': STAGE, 'bench_original': STAGE,
     'bench_input': STAGE,
     # middle: models, losses, data, the training engine and its long-run parts, the model zoo
-    'engine': MIDDLE, 'guard': MIDDLE, 'checkpoints': MIDDLE, 'faults': MIDDLE,
+    'engine': MIDDLE, 'guard': MIDDLE, 'faults': MIDDLE,
     'models': MIDDLE, 'towers': MIDDLE, 'losses': MIDDLE, 'zoo': MIDDLE,
     'datasets': MIDDLE, 'device_decode': MIDDLE, 'samples': MIDDLE, 'wds_data': MIDDLE, 'demo_data': MIDDLE,
     'downstream': MIDDLE, 'train_data': MIDDLE, 'zeroshot': MIDDLE, 'options': MIDDLE,
-    # floor: what everything may use
+    # floor: what everything may use (checkpoints.py: checkpoint files and the one atomic writer, re-exported by utils)
     'augment': FLOOR, 'views': FLOOR, 'batch_views': FLOOR, 'jpeg_decoders': FLOOR, 'metadata': FLOOR, 'utils': FLOOR,
-    'progress': FLOOR,
+    'progress': FLOOR, 'checkpoints': FLOOR, 'staging': FLOOR,
 }
 
 # No stage imports another stage: what two stages share lives in the middle (zeroshot.py is eval_zeroshot.py's
