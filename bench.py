@@ -47,7 +47,7 @@ def get_args_parser():
     p.add_argument('--precision', default=None, choices=utils.PRECISIONS, help='default: the device\'s default')
     p.add_argument('--device', default=None)
     p.add_argument('--steps', default=5, type=int, help='timed steps per configuration')
-    p.add_argument('--warmup', default=2, type=int, help='untimed steps first (compilation, allocator warm-up)')
+    p.add_argument('--warmup', default=2, type=int, help='untimed steps first (compilation, allocator warm-up); the first is timed apart (first_step_s)')
     p.add_argument('--count-flops', action='store_true', help='count FLOPs per step (always on CUDA, for MFU)')
     p.add_argument('--baseline', action='store_true', help='every fast path off')
     p.add_argument('--compare', action='store_true', help='baseline and fast paths side by side, interleaved')
@@ -70,6 +70,8 @@ def get_args_parser():
     p.add_argument('--fixture-archive-size', default=1000, type=int, help='photos per zip (YFCC: 1000)')
     p.add_argument('--fixture-size', default='500x375', help='WxH of the photos --make-fixture writes (larger ones, '
                    'as in CC12M or RedCaps, are decoded at a reduced DCT scale where the crops allow)')
+    p.add_argument('--torch-profile', default=0, type=int, metavar='N',
+                   help='train mode: torch.profiler\'s top N operators of 3 more steps of each configuration')
     p.add_argument('--profile', default=0, type=int, metavar='N',
                    help='data mode: also a cProfile of the fast path over the samples (top N by own time)')
     p.add_argument('--stages', action='store_true', help='data mode: also the fast path\'s time per stage')
@@ -100,7 +102,7 @@ def get_args_parser():
 
 
 def print_rows(rows):
-    extra = ('mode', 'worker_trace', 'profile', 'stages_ms')  # printed apart
+    extra = ('mode', 'worker_trace', 'profile', 'stages_ms', 'torch_profile')  # printed apart
     keys = [k for k in rows[0] if k not in extra]
     print(' | '.join(keys))
     for r in rows:
@@ -118,6 +120,9 @@ def print_rows(rows):
         if r.get('profile'):
             print(f'{r["config"]}: cProfile of {r["num_samples"]} samples, by own time:')
             print('\n'.join(r['profile']))
+        if r.get('torch_profile'):
+            print(f'{r["config"]}: torch.profiler, top operators:')
+            print('\n'.join(r['torch_profile']))
     for r in rows:
         print(json.dumps(r))
 

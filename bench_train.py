@@ -109,7 +109,9 @@ class TrainStep:
         data = synthetic_batch(self.spec, self.batch_size * self.update_freq, device, args.seed,
                                **{k: v for k, v in self.options.items() if self.spec.has_ssl or k == 'clip_mask_ratio'})
         self.micro_batches = data.chunk(self.update_freq)
+        self.fast = not baseline
         self.times, self.cpu_times, self.flops, self.peak_rss_gb = [], [], None, 0.0
+        self.nominal_flops, self.first_step_s = None, None
 
     @property
     def samples(self) -> int:
@@ -141,9 +143,37 @@ class TrainStep:
         counter = FlopCounterMode(display=False)
         with counter:
             self.engine.forward_backward(self.micro_batches)
+        self.flops = counter.get_total_flops()
+        self.engine.optimizer.zero_grad(set_to_none=True)
+        # nominal: what the model is said to cost, every caption at 77 tokens and the full last ViT block
+        models.set_fast_paths(self.model, False)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            self.engine.forward_backward(self.micro_batches)
+        models.set_fast_paths(self.model, self.fast)
+        self.nominal_flops = counter.get_total_flops()
         self.engine.net = net
         self.engine.optimizer.zero_grad(set_to_none=True)
-        self.flops = counter.get_total_flops()
+
+    def first_step(self):
+        """The first step, timed: with --compile, mostly the compilation."""
+        _sync(self.device)
+        t = time.perf_counter()
+        self.step()
+        _sync(self.device)
+        self.first_step_s = time.perf_counter() - t
+
+    def torch_profile(self, rows: int, steps: int = 3):
+        """torch.profiler's top ``rows`` operators of ``steps`` steps, by device time on CUDA (else CPU time)."""
+        from torch.profiler import ProfilerActivity, profile
+        cuda = self.device.type == 'cuda'
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=activities) as prof:
+            for _ in range(steps):
+                self.step()
+            _sync(self.device)
+        key = 'self_cuda_time_total' if cuda else 'self_cpu_time_total'
+        return prof.key_averages().table(sort_by=key, row_limit=rows).splitlines()
 
 
 class _PeakRSS:
@@ -215,8 +245,9 @@ def bench_train(args, device):
     for c in configs:
         if args.count_flops or device.type == 'cuda':
             c.count_flops()  # the FLOPs this configuration really executes (on the uncompiled model)
-        for _ in range(args.warmup):
-            c.step()  # warm-up (and compilation)
+        c.first_step()  # compilation, with --compile
+        for _ in range(args.warmup - 1):
+            c.step()  # warm-up
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
     static_gb = _PeakRSS._read()  # every configuration's model and optimizer state exist: a step adds to this
@@ -234,7 +265,12 @@ def bench_train(args, device):
                'gflops_per_step': c.flops / 1e9 if c.flops else None,
                'peak_rss_gb': c.peak_rss_gb, 'step_rss_gb': c.peak_rss_gb - static_gb,
                'peak_memory_gb': utils.peak_memory_gb(device),
-               'mfu': (c.flops / med / (peak * 1e12)) if peak and c.flops else None}
+               'mfu': (c.flops / med / (peak * 1e12)) if peak and c.flops else None,
+               'nominal_gflops_per_step': c.nominal_flops / 1e9 if c.nominal_flops else None,
+               'mfu_nominal': (c.nominal_flops / med / (peak * 1e12)) if peak and c.nominal_flops else None,
+               'first_step_s': c.first_step_s, 'compiled': bool(args.compile and c.fast)}
+        if args.torch_profile:
+            row['torch_profile'] = c.torch_profile(args.torch_profile)
         if args.clip_reference:  # configs[0] is CLIP at the same size
             ref = configs[0]
             row['time_vs_clip'] = med / statistics.median(ref.times)

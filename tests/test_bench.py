@@ -26,6 +26,18 @@ def test_train_compare_prints_rows_and_json(capsys):
     assert [json.loads(line)['config'] for line in out.splitlines() if line.startswith('{')] == ['baseline', 'fast']
 
 
+def test_train_rows_carry_nominal_flops_first_step_time_and_a_torch_profile(capsys):
+    rows = bench.main(parse('train', '--model', 'CLIP_TINY', '--batch-size', 4, '--device', 'cpu', '--steps', 1,
+                            '--precision', 'fp32', '--compare', '--count-flops', '--warmup', 1, '--torch-profile', 5))
+    baseline, fast = rows
+    # nominal: 77-token captions and the full last block whatever the configuration runs, so the baseline's own count
+    assert fast['nominal_gflops_per_step'] == baseline['nominal_gflops_per_step'] == baseline['gflops_per_step']
+    assert fast['gflops_per_step'] < fast['nominal_gflops_per_step']
+    assert all(r['first_step_s'] > 0 and r['compiled'] is False for r in rows)
+    assert all(any('aten::' in line for line in r['torch_profile']) for r in rows)
+    assert 'fast: torch.profiler, top operators:' in capsys.readouterr().out
+
+
 def test_train_compare_accum_runs_k_micro_batches_against_one_big_batch():
     rows = bench.main(parse('train', '--model', 'SLIP_TINY', '--batch-size', 2, '--update-freq', 3, '--device', 'cpu',
                             '--steps', 1, '--precision', 'fp32', '--compare-accum', '--count-flops', '--warmup', 0))
