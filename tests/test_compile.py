@@ -101,3 +101,151 @@ def test_text_path_auto_is_packed_on_cpu_eager_and_padded_when_compiling(monkeyp
     monkeypatch.setattr(torch.compiler, 'is_compiling', lambda: True)
     model.encode_text(tokens([3, 8]))
     assert calls == [1]  # compiling: padded, no nonzero
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Whole-graph capture
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Every test compiles from an empty cache (new modules would otherwise count against the recompile limit)."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _graph_breaks(name, batch_size, **model_kwargs):
+    torch.manual_seed(0)
+    model, criterion = models.create_model(name, **model_kwargs), models.get_loss(name)
+    explained = torch._dynamo.explain(lambda batch: criterion(model(batch)))(make_batch(name, batch_size))
+    return explained.graph_break_count, explained.graph_count, [str(r.reason)[:200] for r in explained.break_reasons]
+
+
+@pytest.mark.parametrize('name', TINY)
+def test_forward_and_loss_of_tiny_models_have_no_graph_break(name):
+    assert _graph_breaks(name, 4) == (0, 1, [])  # (breaks, graphs, reasons); before issue 23: CLIP/SLIP 5 breaks
+
+
+@pytest.mark.parametrize('name', VITB)
+def test_forward_and_loss_of_vitb16_models_have_no_graph_break(name):
+    assert _graph_breaks(name, 2, ssl_mlp_dim=64, ssl_emb_dim=16) == (0, 1, [])
+
+
+def _engine(model, name, update_freq=1, **kw):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    return engine_lib.Engine(model, models.get_loss(name), optimizer, device=torch.device('cpu'),
+                             update_freq=update_freq, **kw)
+
+
+@pytest.mark.parametrize('name,update_freq,backend', [(n, 1, 'eager') for n in TINY] + [
+    (n, 2, 'eager') for n in TINY] + [('SLIP_TINY', 1, 'aot_eager')])
+def test_compiled_step_equals_eager_step(name, update_freq, backend):
+    """Two optimizer steps through the engine, fp32: the compiled model against the eager one, both on the padded
+    text path (padded == packed is the float64 test above; in fp32 their rounding differs by ~1e-5 after two SGD
+    steps). Tolerance: 1e-5 relative / 1e-6 absolute on the loss and every parameter and buffer."""
+    torch.manual_seed(0)
+    eager_model = models.create_model(name)
+    eager_model.pad_text = True
+    compiled_model = models.create_model(name)
+    compiled_model.load_state_dict(eager_model.state_dict())
+    eager = _engine(eager_model, name, update_freq)
+    compiled = _engine(compiled_model, name, update_freq, compile=True, compile_backend=backend)
+    for step in range(2):
+        data = make_batch(name, 8, lengths=[2, 9, 30, 5, 17, 3, 12, 7], seed=step)
+        losses = []
+        for e in (eager, compiled):
+            torch.manual_seed(step)
+            assert e.step(data.chunk(update_freq))
+            losses.append(e.last_loss)
+        assert losses[0] == pytest.approx(losses[1], rel=1e-5, abs=1e-6)
+    for (n, a), (_, b) in zip(eager_model.state_dict().items(), compiled_model.state_dict().items(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_recompiles_over_caption_lengths_2_to_77_stay_within_the_buckets():
+    torch.manual_seed(0)
+    model, criterion = models.create_model('CLIP_TINY'), models.get_loss('CLIP_TINY')
+    counter = torch._dynamo.testing.CompileCounter()
+    step = torch.compile(lambda batch: criterion(model(batch)), backend=counter, fullgraph=True, dynamic=False)
+    lengths = set()
+    with torch.no_grad():
+        for n in range(2, 78):
+            batch = make_batch('CLIP_TINY', 2, lengths=[n, 2], pad_multiple=16)
+            lengths.add(batch.text.shape[1])
+            step(batch)
+    assert sorted(lengths) == [16, 32, 48, 64, 77]
+    assert counter.frame_count == len(lengths)  # one compile per bucket, none per caption length
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# No device read inside a step
+# ----------------------------------------------------------------------------------------------------------------
+READS = [(torch.Tensor, n) for n in ('item', 'tolist', 'nonzero', 'numpy', 'argwhere', 'masked_select', 'unique',
+                                     '__int__', '__float__', '__bool__', '__index__')] + \
+        [(torch, n) for n in ('nonzero', 'argwhere', 'masked_select', 'unique')]
+
+
+@contextlib.contextmanager
+def count_reads():
+    """Count the calls that read a device value on the host or give a shape that depends on one (patched)."""
+    calls = []
+
+    def wrap(name, fn):
+        def counted(*args, **kwargs):
+            calls.append(name)
+            return fn(*args, **kwargs)
+        return counted
+
+    mp = pytest.MonkeyPatch()
+    for owner, name in READS:
+        mp.setattr(owner, name, wrap(name, getattr(owner, name)))
+    try:
+        yield calls
+    finally:
+        mp.undo()
+
+
+def test_read_counter_catches_a_read():
+    x = torch.arange(3.0)
+    with count_reads() as calls:
+        x.sum().item()
+        int(x[1])
+        torch.nonzero(x)
+    assert calls == ['item', '__int__', 'nonzero']
+
+
+@pytest.mark.parametrize('name', TINY)
+def test_padded_forward_and_loss_read_nothing_on_the_host(name):
+    torch.manual_seed(0)
+    model = models.create_model(name)
+    if models.get_spec(name).has_text:
+        model.pad_text = True  # the path an accelerator and the compiler take
+    eng = _engine(model, name)
+    batch = make_batch(name, 4)
+    with count_reads() as calls:
+        out = eng.net(batch, mode='loss')
+        out['loss'].backward()
+    assert calls == []
+    with count_reads() as calls:  # the whole (non-print) step: only the per-step finite check reads, once
+        eng.step([batch])
+    assert calls == ['tolist']
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints of a compiled run
+# ----------------------------------------------------------------------------------------------------------------
+def test_compiled_engine_checkpoint_loads_strictly_into_an_eager_model(tmp_path):
+    torch.manual_seed(0)
+    model = models.create_model('SLIP_TINY')
+    eng = _engine(model, 'SLIP_TINY', compile=True, compile_backend='eager')
+    eng.step([make_batch('SLIP_TINY', 4)])
+    assert all(k.startswith('_orig_mod.model.') for k in eng.net.state_dict())  # what a save of the wrapper writes
+    assert eng.model is model  # main.py saves the bare model's state_dict
+    path = tmp_path / 'checkpoint.pt'
+    torch.save({'state_dict': {'module.' + k: v for k, v in eng.model.state_dict().items()}}, path)  # main.py's
+    fresh = models.create_model('SLIP_TINY')
+    state = torch.load(path, weights_only=True)['state_dict']
+    fresh.load_state_dict({k.removeprefix('module.'): v for k, v in state.items()}, strict=True)
+    assert list(fresh.state_dict()) == list(models.create_model('SLIP_TINY').state_dict())  # the released keys
+    for k, v in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v), k
