@@ -108,6 +108,9 @@ class TrainStep:
         self.device = device
         data = synthetic_batch(self.spec, self.batch_size * self.update_freq, device, args.seed,
                                **{k: v for k, v in self.options.items() if self.spec.has_ssl or k == 'clip_mask_ratio'})
+        if data.text is not None:  # cut as main.py's collate does (--text-pad-multiple, its default)
+            multiple = main.get_args_parser().get_default('text_pad_multiple')
+            data.text = data.text[:, :augment.text_length(data.text.cpu(), multiple)].contiguous()
         self.micro_batches = data.chunk(self.update_freq)
         self.times, self.cpu_times, self.flops, self.peak_rss_gb = [], [], None, 0.0
 
@@ -235,6 +238,8 @@ def bench_train(args, device):
                'peak_rss_gb': c.peak_rss_gb, 'step_rss_gb': c.peak_rss_gb - static_gb,
                'peak_memory_gb': utils.peak_memory_gb(device),
                'mfu': (c.flops / med / (peak * 1e12)) if peak and c.flops else None}
+        if c.engine.compile_s is not None:
+            row['compile_s'] = c.engine.compile_s  # the first compiled step (a warm-up step), its run included
         if args.clip_reference:  # configs[0] is CLIP at the same size
             ref = configs[0]
             row['time_vs_clip'] = med / statistics.median(ref.times)

@@ -152,6 +152,7 @@ class Engine:
         self.eager = net
         self.net = torch.compile(net, fullgraph=True, dynamic=False, backend=compile_backend) if compile else net
         self.compile_pending = compile  # the first step compiles: its time is logged
+        self.compile_s: Optional[float] = None  # and kept (bench.py reports it)
         self.schedule = None
         self.streak = 0  # consecutive non-finite steps
         self.streak_start: Optional[int] = None  # the global step that began them
@@ -188,9 +189,8 @@ class Engine:
         t_compile = time.perf_counter() if self.compile_pending else None
         metrics, finite = self.forward_backward(micro_batches)  # (its loss read waits for the step to finish)
         if t_compile is not None:
-            self.compile_pending = False
-            logger.info('compile took %.1f s (the first compiled step, its run included)',
-                        time.perf_counter() - t_compile)
+            self.compile_pending, self.compile_s = False, time.perf_counter() - t_compile
+            logger.info('compile took %.1f s (the first compiled step, its run included)', self.compile_s)
         if finite:
             self.scaler.step(self.optimizer)
             self.scaler.update()

@@ -239,6 +239,7 @@ def test_compiled_engine_checkpoint_loads_strictly_into_an_eager_model(tmp_path)
     model = models.create_model('SLIP_TINY')
     eng = _engine(model, 'SLIP_TINY', compile=True, compile_backend='eager')
     eng.step([make_batch('SLIP_TINY', 4)])
+    assert eng.compile_s > 0  # the first compiled step's time (logged as 'compile took X s')
     assert all(k.startswith('_orig_mod.model.') for k in eng.net.state_dict())  # what a save of the wrapper writes
     assert eng.model is model  # main.py saves the bare model's state_dict
     path = tmp_path / 'checkpoint.pt'
