@@ -144,13 +144,16 @@ class Engine:
         self.update_freq = update_freq
         self.exact = update_freq > 1 and not legacy_update_freq
         self.max_nonfinite = max_nonfinite
-        net = _Stages(model, criterion)
+        stages = _Stages(model, criterion)
+        # DDP wraps the compiled module: compiling DDP itself breaks the graph at DDP's forward (its logger), which
+        # fullgraph refuses; inside DDP the whole step stays one graph (its gradients are all-reduced after it)
+        net = torch.compile(stages, fullgraph=True, dynamic=False, backend=compile_backend) if compile else stages
         self.ddp = None
         if distributed:
             net = self.ddp = nn.parallel.DistributedDataParallel(
                 net, device_ids=[device] if device.type == 'cuda' else None, bucket_cap_mb=200)
-        self.eager = net
-        self.net = torch.compile(net, fullgraph=True, dynamic=False, backend=compile_backend) if compile else net
+        self.eager = net if not compile else stages  # the uncompiled step (bench.py counts its FLOPs)
+        self.net = net
         self.compile_pending = compile  # the first step compiles: its time is logged
         self.compile_s: Optional[float] = None  # and kept (bench.py reports it)
         self.schedule = None
