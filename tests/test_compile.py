@@ -114,9 +114,10 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-def _graph_breaks(name, batch_size, **model_kwargs):
+def _graph_breaks(name, batch_size, checkpointing=False, **model_kwargs):
     torch.manual_seed(0)
     model, criterion = models.create_model(name, **model_kwargs), models.get_loss(name)
+    model.set_grad_checkpointing(checkpointing)
     explained = torch._dynamo.explain(lambda batch: criterion(model(batch)))(make_batch(name, batch_size))
     return explained.graph_break_count, explained.graph_count, [str(r.reason)[:200] for r in explained.break_reasons]
 
@@ -124,6 +125,10 @@ def _graph_breaks(name, batch_size, **model_kwargs):
 @pytest.mark.parametrize('name', TINY)
 def test_forward_and_loss_of_tiny_models_have_no_graph_break(name):
     assert _graph_breaks(name, 4) == (0, 1, [])  # (breaks, graphs, reasons); before issue 23: CLIP/SLIP 5 breaks
+
+
+def test_forward_and_loss_with_grad_checkpointing_have_no_graph_break():
+    assert _graph_breaks('SLIP_TINY', 4, checkpointing=True) == (0, 1, [])
 
 
 @pytest.mark.parametrize('name', VITB)
