@@ -117,6 +117,12 @@ class CLIP(nn.Module):
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
         return visual_forward(self.visual, image, self.class_token_only) @ self.image_projection  # [B, E]
 
+    def _padded_text(self, text: torch.Tensor) -> bool:
+        """Whether truncated captions run padded (``pad_text``, or by default on an accelerator and under compile)."""
+        if self.pad_text is not None:
+            return self.pad_text
+        return text.device.type != 'cpu' or torch.compiler.is_compiling()
+
     def encode_text(self, text: torch.Tensor) -> torch.Tensor:
         """[B, L] token ids (L <= 77: the collate trims a training batch to its longest caption, rounded up to
         --text-pad-multiple) -> [B, E]. The end-of-text token has the largest id; its row is the caption's."""
@@ -126,7 +132,7 @@ class CLIP(nn.Module):
             x = self.token_embedding(text) + self.positional_embedding[:L]  # [B, L, W]
             x = self.ln_final(self.transformer(x))
             return x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection  # [B, E]
-        if self.pad_text if self.pad_text is not None else text.device.type != 'cpu' or torch.compiler.is_compiling():
+        if self._padded_text(text):
             # Padded: [B, L, W] under the causal mask, the last block on each caption's end-of-text token alone
             # (a gather). Shapes depend on L only, known on the host: no device read, one compiled graph per L.
             x = self.token_embedding(text) + self.positional_embedding[:L]  # [B, L, W]
