@@ -13,6 +13,8 @@ import torch._dynamo.testing
 import augment
 import engine as engine_lib
 import models
+import train_data
+from test_train_data import cc3m, loader_args  # noqa: F401 (a fixture)
 
 SOT, EOT = 49406, 49407
 TINY = ['CLIP_TINY', 'SIMCLR_TINY', 'SLIP_TINY']
@@ -61,6 +63,28 @@ def test_collate_cuts_the_tokens_only_when_asked():
     assert augment.Batch.collate(samples).text.shape == (3, 77)  # the DataLoader's default: unchanged
     cut = augment.Batch.collate(samples, text_pad_multiple=8)
     assert torch.equal(cut.text, tokens([4, 20, 7])[:, :24])
+
+
+def caption_tokens(caption):
+    """'cap 7' -> token ids [77] of a caption 7 + 2 tokens long (start and end-of-text included)."""
+    return tokens([int(caption.split()[-1]) + 2])[0]
+
+
+def test_training_loader_cuts_token_ids_to_the_rounded_longest_caption(cc3m):
+    from test_device_decode import TrustingLoader
+    root, meta = cc3m
+    texts = {}
+    for multiple in (0, 4):
+        args = loader_args(root, meta, text_pad_multiple=multiple)
+        batches, sampler, _ = train_data.build_train_loader(args, caption_tokens, torch.device('cpu'))
+        batches.loader.dataset.dataset.source.load = TrustingLoader(lazy=True)
+        sampler.set_epoch(1, 0, args.batch_size)
+        texts[multiple] = [batch.text for batch in batches]
+    assert len(texts[4]) == len(texts[0]) > 0
+    for cut, full in zip(texts[4], texts[0]):
+        longest = int(full.argmax(dim=-1).max()) + 1
+        assert full.shape[1] == 77 and cut.shape[1] == -(-longest // 4) * 4
+        assert torch.equal(cut, full[:, :cut.shape[1]]) and not full[:, cut.shape[1]:].any()
 
 
 def _text_outputs(model, text, pad_text, truncate=True):
@@ -282,3 +306,14 @@ def test_ddp_over_the_compiled_step_equals_one_eager_process(gloo_run):
     assert got['finite']
     for n, p in model.named_parameters():
         torch.testing.assert_close(got['grads'][n], p.grad, rtol=1e-10, atol=1e-14, msg=n)
+
+
+def test_a_remade_sample_with_a_longer_caption_widens_the_cut_batch():
+    """device_decode replaces a bad image's sample in the main process: its caption may need more columns than the
+    collate kept, and then the batch gets all 77 back (else the text fits as it is)."""
+    import device_decode
+    batch = augment.Batch(text=tokens([3, 5])[:, :8])
+    device_decode._fit_text(batch, tokens([6])[0])
+    assert batch.text.shape == (2, 8)
+    device_decode._fit_text(batch, tokens([20])[0])
+    assert torch.equal(batch.text, tokens([3, 5]))
