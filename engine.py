@@ -145,6 +145,9 @@ class Engine:
         self.exact = update_freq > 1 and not legacy_update_freq
         self.max_nonfinite = max_nonfinite
         stages = _Stages(model, criterion)
+        if compile:  # per text length up to three graphs (the loss; or the towers, a replay and the last replay,
+            # which also hands back the head's gradients): room for every length 1..77 (dynamo's default is 8)
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 3 * 77 + 1)
         # DDP wraps the compiled module: compiling DDP itself breaks the graph at DDP's forward (its logger), which
         # fullgraph refuses; inside DDP the whole step stays one graph (its gradients are all-reduced after it)
         net = torch.compile(stages, fullgraph=True, dynamic=False, backend=compile_backend) if compile else stages

@@ -206,6 +206,18 @@ def test_recompiles_over_caption_lengths_2_to_77_stay_within_the_buckets():
     assert counter.frame_count == len(lengths)  # one compile per bucket, none per caption length
 
 
+def test_exact_accumulation_compiles_each_stage_once_per_bucket_without_falling_back():
+    """--update-freq 2 compiles, per text length, the towers (no grad), the replay and the last replay (with the
+    head's gradients): 3 x 3 graphs here, more than dynamo's default limit of 8 per function (past which a fullgraph
+    compile raises), and none again for a length already seen."""
+    torch.manual_seed(0)
+    counter = torch._dynamo.testing.CompileCounter()
+    eng = _engine(models.create_model('CLIP_TINY'), 'CLIP_TINY', 2, compile=True, compile_backend=counter)
+    for n in (2, 20, 77, 3, 77):  # lengths 16, 32, 77, then two already compiled
+        eng.step(make_batch('CLIP_TINY', 4, lengths=[n, 2, 2, 2]).chunk(2))
+    assert counter.frame_count == 3 * 3
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # No device read inside a step
 # ----------------------------------------------------------------------------------------------------------------
