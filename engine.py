@@ -138,13 +138,14 @@ class Engine:
                  compile_backend: str = 'inductor'):
         if update_freq < 1:
             raise ValueError(f'--update-freq must be >= 1, got {update_freq}')
-        self.model, self.criterion, self.optimizer = model, criterion, optimizer
+        self._stages = _Stages(model, criterion)
+        self.model, self.optimizer = model, optimizer
         self.device, self.precision = device, precision
         self.scaler = utils.grad_scaler(precision, device)
         self.update_freq = update_freq
         self.exact = update_freq > 1 and not legacy_update_freq
         self.max_nonfinite = max_nonfinite
-        stages = _Stages(model, criterion)
+        stages = self._stages
         if compile:  # per text length up to three graphs (the loss; or the towers, a replay and the last replay,
             # which also hands back the head's gradients): room for every length 1..77 (dynamo's default is 8)
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 3 * 77 + 1)
@@ -167,6 +168,15 @@ class Engine:
         self.skipped = 0  # non-finite steps skipped in this epoch (train_one_epoch resets it)
         self._sums: Dict[str, torch.Tensor] = {}  # metric sums on the device since the last read_metrics()
         self._steps = 0
+
+    @property
+    def criterion(self) -> nn.Module:
+        """The loss the step runs (inside the wrapped module; replacing it, as faults.install does, reaches there)."""
+        return self._stages.criterion
+
+    @criterion.setter
+    def criterion(self, criterion: nn.Module) -> None:
+        self._stages.criterion = criterion
 
     # -- the step ----------------------------------------------------------------------------------------------
     def set_schedule(self, schedule: Sequence[float]) -> None:
