@@ -107,15 +107,30 @@ class Batch:
         return [Batch(**{name: p[i] for name, p in parts.items()}) for i in range(k)]
 
     @staticmethod
-    def collate(samples: Sequence['Batch']) -> 'Batch':
-        """The DataLoader's collate_fn: stack every field of the samples (concatenate the flat ``jpeg`` bytes)."""
+    def collate(samples: Sequence['Batch'], text_pad_multiple: int = 0) -> 'Batch':
+        """The DataLoader's collate_fn: stack every field of the samples (concatenate the flat ``jpeg`` bytes).
+        ``text_pad_multiple`` > 0 (training's --text-pad-multiple, through ``functools.partial``): the token ids
+        are cut to ``text_length`` columns, so the device learns the batch's caption length from a shape."""
         first = samples[0].tensors()
-        return Batch(**{k: (torch.cat if k in Batch.FLAT else torch.stack)([getattr(s, k) for s in samples])
-                        for k in first})
+        batch = Batch(**{k: (torch.cat if k in Batch.FLAT else torch.stack)([getattr(s, k) for s in samples])
+                         for k in first})
+        if text_pad_multiple and batch.text is not None:
+            batch.text = batch.text[:, :text_length(batch.text, text_pad_multiple)].contiguous()
+        return batch
 
     @staticmethod
     def cat(batches: Sequence['Batch']) -> 'Batch':
         return Batch(**{k: torch.cat([getattr(b, k) for b in batches]) for k in batches[0].tensors()})
+
+
+def text_length(text: torch.Tensor, multiple: int) -> int:
+    """The columns a batch of token ids [B, C] (on the host) needs: its longest caption up to and including the
+    end-of-text token (the largest id), rounded up to a multiple of ``multiple``, at most C (the context length,
+    77). A compiler then sees a handful of text lengths (77 / multiple buckets) instead of one per batch."""
+    if multiple < 1:
+        raise ValueError(f'--text-pad-multiple must be >= 1, got {multiple}')
+    longest = int(text.argmax(dim=-1).max()) + 1 if text.numel() else 1
+    return min(text.shape[1], -(-longest // multiple) * multiple)
 
 
 def keep_count(num_patches: int, mask_ratio: float) -> int:

@@ -5,6 +5,7 @@ A step is main.py's engine (forward, loss, backward, AdamW) on synthetic inputs 
 one batch (``--compare-accum``), cheaper SimCLR views against CLIP (``--variants``, ``--clip-reference``). The CLI
 and the commands are in bench.py; the input pipeline benchmark is bench_data.py.
 """
+import dataclasses
 import os
 import statistics
 import time
@@ -108,6 +109,10 @@ class TrainStep:
         self.device = device
         data = synthetic_batch(self.spec, self.batch_size * self.update_freq, device, args.seed,
                                **{k: v for k, v in self.options.items() if self.spec.has_ssl or k == 'clip_mask_ratio'})
+        if data.text is not None and not baseline:  # cut as main.py's collate does (--text-pad-multiple's default);
+            # the baseline is the original's step: every caption at 77 tokens
+            multiple = main.get_args_parser().get_default('text_pad_multiple')
+            data.text = data.text[:, :augment.text_length(data.text.cpu(), multiple)].contiguous()
         self.micro_batches = data.chunk(self.update_freq)
         self.fast = not baseline
         self.times, self.cpu_times, self.flops, self.peak_rss_gb = [], [], None, 0.0
@@ -147,9 +152,11 @@ class TrainStep:
         self.engine.optimizer.zero_grad(set_to_none=True)
         # nominal: what the model is said to cost, every caption at 77 tokens and the full last ViT block
         models.set_fast_paths(self.model, False)
+        full = [dataclasses.replace(b, text=torch.nn.functional.pad(b.text, (0, 77 - b.text.shape[1])))
+                if b.text is not None else b for b in self.micro_batches]  # the collate's cut undone: 77 tokens
         counter = FlopCounterMode(display=False)
         with counter:
-            self.engine.forward_backward(self.micro_batches)
+            self.engine.forward_backward(full)
         models.set_fast_paths(self.model, self.fast)
         self.nominal_flops = counter.get_total_flops()
         self.engine.net = net
@@ -271,6 +278,8 @@ def bench_train(args, device):
                'first_step_s': c.first_step_s, 'compiled': bool(args.compile and c.fast)}
         if args.torch_profile:
             row['torch_profile'] = c.torch_profile(args.torch_profile)
+        if c.engine.compile_s is not None:
+            row['compile_s'] = c.engine.compile_s  # the first compiled step (a warm-up step), its run included
         if args.clip_reference:  # configs[0] is CLIP at the same size
             ref = configs[0]
             row['time_vs_clip'] = med / statistics.median(ref.times)

@@ -301,9 +301,20 @@ def _replace(batch: Batch, i: int, images: List[Optional[torch.Tensor]], dataset
         rows = {k: v[j].clone() for k, v in batch.tensors().items() if k not in Batch.HOST}
         rows['crops'] = batch.crops[j].clone()
         rows['n_bad'] = batch.n_bad[i] + 1
+    if 'text' in rows and rows['text'].shape[0] > batch.text.shape[1]:  # the collate cut the ids (--text-pad-multiple)
+        _fit_text(batch, rows['text'])
+        rows['text'] = rows['text'][:batch.text.shape[1]]
     for k, v in rows.items():
         getattr(batch, k)[i] = v
     return image
+
+
+def _fit_text(batch: Batch, text: torch.Tensor) -> None:
+    """A remade sample's caption ``text`` [77] longer than the collate's cut of the batch's ids: the batch gets back
+    all the context's columns (77 is one of the cut's lengths too; this happens only for a bad image)."""
+    if int(text.argmax()) + 1 > batch.text.shape[1]:
+        pad = batch.text.new_zeros(len(batch.text), text.shape[0] - batch.text.shape[1])
+        batch.text = torch.cat([batch.text, pad], dim=1)
 
 
 def _remake(ds: Any, epoch: int, index: int) -> Batch:

@@ -47,19 +47,24 @@ LOGIT_SCALE_MAX = math.log(100)  # CLIP's clamp of the learned temperature
 class _Stages(nn.Module):
     """What DDP (and torch.compile) wrap, so every stage of a step goes through them.
 
-    mode 'full': the model's outputs; 'towers': the towers' outputs alone; 'replay': the towers' outputs dotted with
-    the kept gradients of the loss (plus, on the last micro-batch, the head parameters dotted with theirs), a
-    surrogate whose backward gives every parameter exactly its gradient of the full-batch loss.
+    mode 'full': the model's outputs; 'loss': the criterion's outputs on them (forward and loss in one graph);
+    'towers': the towers' outputs alone; 'replay': the towers' outputs dotted with the kept gradients of the loss
+    (plus, on the last micro-batch, the head parameters dotted with theirs), a surrogate whose backward gives every
+    parameter exactly its gradient of the full-batch loss. The criterion holds no state: the module's state_dict
+    is the model's, under ``model.``.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, criterion: Optional[nn.Module] = None):
         super().__init__()
         self.model = model
+        self.criterion = criterion
 
     def forward(self, batch: augment.Batch, mode: str = 'full', feature_grads: Optional[Dict] = None,
                 head_grads: Optional[List[torch.Tensor]] = None):
         if mode == 'full':
             return self.model(batch)
+        if mode == 'loss':
+            return self.criterion(self.model(batch))
         features = self.model.towers(batch)
         if mode == 'towers':
             return features
@@ -113,33 +118,48 @@ class Engine:
 
     Args:
         model: the bare model (``towers``/``head``/``head_parameters``, as models.py defines them); its state_dict
-            is the checkpoint's. DDP (when ``distributed``) and torch.compile (when ``compile``) wrap it here.
+            is the checkpoint's (the released key names: no ``module.`` or ``_orig_mod.``). DDP (when
+            ``distributed``) and torch.compile (when ``compile``) wrap it here.
         criterion: a loss of losses.py (the model-output dict -> {'loss', metrics}).
         optimizer: built over ``model``'s parameters.
         precision: 'fp32', 'amp' (fp16 with the loss scaler) or 'amp_bf16'.
         update_freq: micro-batches per optimizer step (K above); ``legacy_update_freq`` the original's semantics.
         max_nonfinite: stop after this many consecutive steps with a non-finite loss (each is skipped), raising
             NonFiniteStreak, which main.py's divergence guard turns into a rollback.
+        compile: torch.compile the forward and loss (and the exact accumulation's towers and replay) as whole graphs
+            (``fullgraph``: a graph break is an error) with static shapes: one graph per text length, which the
+            collate rounds to --text-pad-multiple, so a run compiles a handful of times. ``compile_backend``:
+            torch.compile's backend (tests use 'eager' / 'aot_eager' on the CPU). The first step logs its time.
     """
 
     def __init__(self, model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer, *,
                  device: torch.device, precision: str = 'fp32', update_freq: int = 1, legacy_update_freq: bool = False,
-                 max_nonfinite: int = 5, distributed: bool = False, compile: bool = False):
+                 max_nonfinite: int = 5, distributed: bool = False, compile: bool = False,
+                 compile_backend: str = 'inductor'):
         if update_freq < 1:
             raise ValueError(f'--update-freq must be >= 1, got {update_freq}')
-        self.model, self.criterion, self.optimizer = model, criterion, optimizer
+        self._stages = _Stages(model, criterion)
+        self.model, self.optimizer = model, optimizer
         self.device, self.precision = device, precision
         self.scaler = utils.grad_scaler(precision, device)
         self.update_freq = update_freq
         self.exact = update_freq > 1 and not legacy_update_freq
         self.max_nonfinite = max_nonfinite
-        net = _Stages(model)
+        stages = self._stages
+        if compile:  # per text length up to three graphs (the loss; or the towers, a replay and the last replay,
+            # which also hands back the head's gradients): room for every length 1..77 (dynamo's default is 8)
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 3 * 77 + 1)
+        # DDP wraps the compiled module: compiling DDP itself breaks the graph at DDP's forward (its logger), which
+        # fullgraph refuses; inside DDP the whole step stays one graph (its gradients are all-reduced after it)
+        net = torch.compile(stages, fullgraph=True, dynamic=False, backend=compile_backend) if compile else stages
         self.ddp = None
         if distributed:
             net = self.ddp = nn.parallel.DistributedDataParallel(
                 net, device_ids=[device] if device.type == 'cuda' else None, bucket_cap_mb=200)
-        self.eager = net
-        self.net = torch.compile(net) if compile else net
+        self.eager = net if not compile else stages  # the uncompiled step (bench.py counts its FLOPs)
+        self.net = net
+        self.compile_pending = compile  # the first step compiles: its time is logged
+        self.compile_s: Optional[float] = None  # and kept (bench.py reports it)
         self.schedule = None
         self.streak = 0  # consecutive non-finite steps
         self.streak_start: Optional[int] = None  # the global step that began them
@@ -148,6 +168,15 @@ class Engine:
         self.skipped = 0  # non-finite steps skipped in this epoch (train_one_epoch resets it)
         self._sums: Dict[str, torch.Tensor] = {}  # metric sums on the device since the last read_metrics()
         self._steps = 0
+
+    @property
+    def criterion(self) -> nn.Module:
+        """The loss the step runs (inside the wrapped module; replacing it, as faults.install does, reaches there)."""
+        return self._stages.criterion
+
+    @criterion.setter
+    def criterion(self, criterion: nn.Module) -> None:
+        self._stages.criterion = criterion
 
     # -- the step ----------------------------------------------------------------------------------------------
     def set_schedule(self, schedule: Sequence[float]) -> None:
@@ -173,7 +202,11 @@ class Engine:
         if self.schedule is not None and global_step is not None:
             for group in self.optimizer.param_groups:
                 group['lr'] = float(self.schedule[global_step])
-        metrics, finite = self.forward_backward(micro_batches)
+        t_compile = time.perf_counter() if self.compile_pending else None
+        metrics, finite = self.forward_backward(micro_batches)  # (its loss read waits for the step to finish)
+        if t_compile is not None:
+            self.compile_pending, self.compile_s = False, time.perf_counter() - t_compile
+            logger.info('compile took %.1f s (the first compiled step, its run included)', self.compile_s)
         if finite:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -214,7 +247,7 @@ class Engine:
         for i, batch in enumerate(micro_batches):
             with self._sync(i == k - 1):
                 with self._autocast():
-                    out = self.criterion(self.net(batch))
+                    out = self.net(batch, mode='loss')
                 self.scaler.scale(out['loss'] / k).backward()
             finite &= torch.isfinite(out['loss']).all()
             for name, v in out.items():

@@ -16,7 +16,8 @@ Three shortcuts skip work that cannot change the result (all switchable, all tes
     the BatchNorm SSL head still sees each view separately, as in the original.
   * Only the class token leaves a ViT, so its last block computes queries, projection and MLP for that token alone.
   * Under the causal mask nothing after a caption's end-of-text token can reach its embedding, so each caption runs
-    only up to that token; the captions are packed ([total tokens, width]) for every projection and MLP.
+    only up to that token: packed ([total tokens, width]) for every projection and MLP on the CPU, or padded to the
+    batch's length the collate chose (--text-pad-multiple) with no host sync on an accelerator and under compile.
 
 Cheaper SimCLR views (main.py's --ssl-view-size, --ssl-mask-ratio, --clip-mask-ratio; off by default): the ViT
 takes smaller views through timm's own resampled position embedding (``set_dynamic_img_size``), and a view whose
@@ -92,7 +93,9 @@ class CLIP(nn.Module):
         self.text_projection = nn.Parameter(torch.empty(transformer_width, embed_dim))
         self.logit_scale = nn.Parameter(torch.tensor(LOGIT_SCALE_INIT))
         self.fuse_views = fuse_views  # one backbone pass for several views (only meaningful for SLIP)
-        self.truncate_text = True  # run each caption only up to its end-of-text token, packed
+        self.truncate_text = True  # run each caption only up to its end-of-text token (packed or padded)
+        self.pad_text: Optional[bool] = None  # truncated text padded (True) or packed (False); None: padded on an
+        # accelerator and under torch.compile (no host sync), packed on the CPU in eager mode (measured faster there)
         self.class_token_only = True  # the ViT's last block computes the class token alone
         self.initialize_parameters()
 
@@ -114,14 +117,29 @@ class CLIP(nn.Module):
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
         return visual_forward(self.visual, image, self.class_token_only) @ self.image_projection  # [B, E]
 
+    def _padded_text(self, text: torch.Tensor) -> bool:
+        """Whether truncated captions run padded (``pad_text``, or by default on an accelerator and under compile)."""
+        if self.pad_text is not None:
+            return self.pad_text
+        return text.device.type != 'cpu' or torch.compiler.is_compiling()
+
     def encode_text(self, text: torch.Tensor) -> torch.Tensor:
-        eot = text.argmax(dim=-1)  # [B] end-of-text has the largest id
-        if not self.truncate_text:  # the original: every caption runs the full context
-            x = self.token_embedding(text) + self.positional_embedding  # [B, 77, W]
+        """[B, L] token ids (L <= 77: the collate trims a training batch to its longest caption, rounded up to
+        --text-pad-multiple) -> [B, E]. The end-of-text token has the largest id; its row is the caption's."""
+        eot = text.argmax(dim=-1)  # [B]
+        L = text.shape[1]
+        if not self.truncate_text:  # the original: every caption runs the full (given) context
+            x = self.token_embedding(text) + self.positional_embedding[:L]  # [B, L, W]
             x = self.ln_final(self.transformer(x))
             return x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection  # [B, E]
-        # Positions after a caption's end-of-text never reach its embedding under the causal mask, so only each
-        # caption's own tokens run: packed into [T, W] (T = total caption length) for every projection and MLP.
+        if self._padded_text(text):
+            # Padded: [B, L, W] under the causal mask, the last block on each caption's end-of-text token alone
+            # (a gather). Shapes depend on L only, known on the host: no device read, one compiled graph per L.
+            x = self.token_embedding(text) + self.positional_embedding[:L]  # [B, L, W]
+            return self.ln_final(self.transformer(x, rows=eot)) @ self.text_projection  # [B, E]
+        # Packed (the CPU's faster path): positions after a caption's end-of-text never reach its embedding under the
+        # causal mask, so only each caption's own tokens run, packed into [T, W] (T = total caption length) for every
+        # projection and MLP. The longest caption is read on the host (one sync) and ``nonzero`` picks the tokens.
         B, L = text.shape[0], int(eot.max()) + 1
         flat = (torch.arange(L, device=text.device) <= eot[:, None]).flatten().nonzero().squeeze(1)  # [T]
         x = self.token_embedding(text[:, :L].reshape(-1)[flat]) + self.positional_embedding[flat % L]  # [T, W]
@@ -131,7 +149,7 @@ class CLIP(nn.Module):
 
     def towers(self, batch) -> Dict[str, torch.Tensor]:
         """Per-sample outputs of the towers that enter the batch-coupled part (the loss): image and text embeddings."""
-        text_embed = self.encode_text(batch.text)  # first: its one host sync (caption lengths) waits on little work
+        text_embed = self.encode_text(batch.text)  # first: the packed path's host sync waits on little work
         # training only: the CLIP view may keep a share of its patches (--clip-mask-ratio); encode_image never masks
         h = visual_forward(self.visual, batch.image, self.class_token_only, batch.image_keep)
         return {'image_embed': h @ self.image_projection, 'text_embed': text_embed}
@@ -202,7 +220,7 @@ class SLIP(CLIP):
 
     def towers(self, batch) -> Dict[str, torch.Tensor]:
         """Image and text embeddings, and the SimCLR views' backbone features (before the SSL head)."""
-        text_embed = self.encode_text(batch.text)  # first: its one host sync (caption lengths) waits on little work
+        text_embed = self.encode_text(batch.text)  # first: the packed path's host sync waits on little work
         h1, h2, h = visual_features(self.visual, [batch.aug1, batch.aug2, batch.image], self.fuse_views,
                                      self.class_token_only, [batch.aug1_keep, batch.aug2_keep, batch.image_keep])
         return {'image_embed': h @ self.image_projection, 'text_embed': text_embed, 'aug1_feat': h1, 'aug2_feat': h2}

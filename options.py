@@ -97,7 +97,11 @@ def get_args_parser():
     a('--precision', default=None, choices=utils.PRECISIONS,
       help='amp (fp16 + loss scaling), amp_bf16 (default where supported) or fp32')
     a('--disable-amp', action='store_true', help='same as --precision fp32')
-    a('--compile', action='store_true', help='torch.compile the model')
+    a('--compile', action='store_true',
+      help='torch.compile the model and loss whole (fullgraph; one graph per text length, see --text-pad-multiple)')
+    a('--text-pad-multiple', default=16, type=int,
+      help='the collate cuts a batch\'s token ids to its longest caption rounded up to this multiple (at most 77), '
+           'so the text tower\'s shape is known on the host; 0 keeps all 77 tokens')
     a('--grad-checkpointing', action='store_true', help='recompute activations in backward to save memory')
     a('-j', '--workers', default=10, type=int, help='data loader workers per process')
     a('--device-augment', action='store_true',

@@ -38,6 +38,14 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
+def select_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """One token per caption, [B, D]: rows ``rows`` [B] of packed tokens x [T, D], or of padded captions x [B, L, D]
+    the token at position ``rows[b]`` of caption b (a gather: no data-dependent shape, no host read)."""
+    if x.dim() == 2:
+        return x.index_select(0, rows)
+    return x.gather(1, rows[:, None, None].expand(-1, 1, x.shape[-1]))[:, 0]
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention with nn.MultiheadAttention's parameter names (in_proj_*, out_proj).
 
@@ -59,7 +67,8 @@ class CausalSelfAttention(nn.Module):
         """x: [B, L, D]; or packed captions [T, D] with ``packing`` = (flat, B, L), where ``flat`` [T] holds each
         token's place in the padded [B * L] grid. The projections then run on the T real tokens only; attention runs
         padded (each caption is a prefix of its row, so under the causal mask the zero padding is never attended).
-        With ``rows`` [B] (packed input only: each caption's last token), only those queries are computed: [B, D]."""
+        With ``rows`` [B] (each caption's last token: its row in the packed [T, D], or its position in the padded
+        [B, L, D]), only those queries are computed, each seeing the keys up to its position: [B, D]."""
         D = self.in_proj_weight.shape[1]
         w, b = (self.in_proj_weight, self.in_proj_bias) if rows is None else \
             (self.in_proj_weight[D:], self.in_proj_bias[D:])  # keys and values only: the queries come from `rows`
@@ -75,9 +84,10 @@ class CausalSelfAttention(nn.Module):
             q, k, v = heads
         else:
             k, v = heads
-            q = F.linear(x[rows], self.in_proj_weight[:D], self.in_proj_bias[:D]).view(B, 1, self.heads, -1)
-            q = q.transpose(1, 2)  # [B, H, 1, D/H]
-            keep = torch.arange(L, device=x.device) <= (flat[rows] % L)[:, None]  # keys up to the query's position
+            q = F.linear(select_rows(x, rows), self.in_proj_weight[:D], self.in_proj_bias[:D])
+            q = q.view(B, 1, self.heads, -1).transpose(1, 2)  # [B, H, 1, D/H]
+            position = rows if packing is None else flat[rows] % L  # each query's place in its caption
+            keep = torch.arange(L, device=x.device) <= position[:, None]  # keys up to the query's position
             mask = torch.zeros(B, 1, 1, L, device=x.device, dtype=q.dtype).masked_fill(~keep[:, None, None], -math.inf)
         if self.fused:
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
@@ -109,7 +119,7 @@ class ResidualAttentionBlock(nn.Module):
     def forward(self, x: torch.Tensor, packing: Optional[tuple] = None,
                 rows: Optional[torch.Tensor] = None) -> torch.Tensor:
         """With ``rows``, returns only those rows (their attention still reads every token)."""
-        x = (x if rows is None else x[rows]) + self.attn(self.ln_1(x), packing, rows)
+        x = (x if rows is None else select_rows(x, rows)) + self.attn(self.ln_1(x), packing, rows)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -123,7 +133,7 @@ class Transformer(nn.Module):
 
     def forward(self, x: torch.Tensor, packing: Optional[tuple] = None,
                 rows: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``rows``: if given, the last block computes (and returns) only those rows of a packed input."""
+        """``rows``: if given, the last block computes (and returns) only those rows, [B, D] (CausalSelfAttention)."""
         for i, block in enumerate(self.resblocks):
             last_rows = rows if i == self.layers - 1 else None
             if self.grad_checkpointing and torch.is_grad_enabled():

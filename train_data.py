@@ -22,6 +22,7 @@ References: NVIDIA Apex's data_prefetcher (the side-stream prefetch with record_
 and pytorch/vision pull request 9606 (the decoder's race).
 """
 import dataclasses
+import functools
 from typing import Any, Callable, Iterator, Optional, Tuple
 
 import torch
@@ -85,12 +86,14 @@ def build_train_loader(args: Any, tokenizer: Optional[Callable], device: torch.d
     common = dict(batch_size=args.batch_size, num_workers=args.workers, pin_memory=device.type == 'cuda',
                   drop_last=True, persistent_workers=args.workers > 0, prefetch_factor=4 if args.workers else None)
     decode = args.decode_device
+    # captions cut to the batch's longest, rounded up (--text-pad-multiple; 0: all 77 tokens kept)
+    collate = functools.partial(Batch.collate, text_pad_multiple=getattr(args, 'text_pad_multiple', 0))
     if isinstance(dataset, torch.utils.data.IterableDataset):  # WebDataset: it has EpochSampler's set_epoch
         common['persistent_workers'] = False  # the epoch and resume position reach the workers when they start
-        loader = torch.utils.data.DataLoader(dataset, collate_fn=Batch.collate, **common)
+        loader = torch.utils.data.DataLoader(dataset, collate_fn=collate, **common)
         return DeviceBatches(loader, device, decode), dataset, dataset.per_rank_batches
     sampler = EpochSampler(len(dataset), args.batch_size, args.rank, args.world_size, args.seed)
-    loader = torch.utils.data.DataLoader(EpochIndexed(dataset), sampler=sampler, collate_fn=Batch.collate, **common)
+    loader = torch.utils.data.DataLoader(EpochIndexed(dataset), sampler=sampler, collate_fn=collate, **common)
     return DeviceBatches(loader, device, decode, dataset), sampler, sampler.per_rank // args.batch_size
 
 
