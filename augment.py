@@ -61,11 +61,12 @@ class Batch:
     compressed bytes (or its raw RGB pixels) as a 1-D uint8 tensor, ``jpeg_info`` [6] int64 of them and ``crops``
     [3, 6] int64, the drawn crop of each view; batched, ``jpeg`` is the samples' bytes one after the other (not a
     stacked dimension: ``jpeg_info[:, 0]`` holds each one's length). These three stay on the host in ``to``: the
-    decoder uploads the bytes itself and reads the crop boxes on the host.
+    decoder uploads the bytes itself and reads the crop boxes on the host. So does ``n_bad``, which the epoch counts
+    on the host without reading the device.
     """
     VIEWS: ClassVar[Tuple[str, ...]] = ('image', 'aug1', 'aug2')
     FLAT: ClassVar[Tuple[str, ...]] = ('jpeg',)  # concatenated, not stacked: split by jpeg_info[:, 0]
-    HOST: ClassVar[Tuple[str, ...]] = ('jpeg', 'jpeg_info', 'crops')  # left on the host by ``to``
+    HOST: ClassVar[Tuple[str, ...]] = ('jpeg', 'jpeg_info', 'crops', 'n_bad')  # left on the host by ``to``
 
     image: Optional[torch.Tensor] = None
     text: Optional[torch.Tensor] = None

@@ -21,8 +21,10 @@ An optimizer step takes K = ``update_freq`` micro-batches (``augment.Batch`` on 
   * K > 1 with ``legacy_update_freq`` (--legacy-update-freq): the original's accumulation, where every micro-batch
     is its own contrastive batch with its own BatchNorm statistics (for exact reproduction of its runs).
 
-Host syncs: one per optimizer step (are all losses finite, on every rank, and their mean, which the divergence guard
-watches); metrics stay on the device and are read only when a progress line is printed.
+Host reads: main.py's engine (``defer_reads``) reads nothing inside a step: whether the losses are finite on every
+rank and their mean (which the divergence guard watches) are read, with the metrics, only where a progress line is
+printed, before a checkpoint and at the epoch's end (``flush``); a non-finite step is skipped on the device meanwhile.
+Otherwise each step reads its outcome once.
 
 Reference: the gradient cache of Gao et al., "Scaling Deep Contrastive Learning Batch Size under Memory Limited
 Setup" (arXiv 2101.06983), here with the batch-coupled head and its BatchNorm inside the cached part.
@@ -42,6 +44,7 @@ import utils
 from utils import logger
 
 LOGIT_SCALE_MAX = math.log(100)  # CLIP's clamp of the learned temperature
+MAX_PENDING = 1000  # steps whose outcome a deferring engine keeps unread at most
 
 
 class _Stages(nn.Module):
@@ -90,8 +93,9 @@ def _replayed_rng(state: tuple, device: torch.device):
         yield
 
 
-def all_ranks_finite(flag: torch.Tensor, loss: torch.Tensor, device: torch.device) -> Tuple[bool, float]:
-    """Whether ``flag`` holds on every rank, and the mean of ``loss`` over the ranks, in one host sync.
+def all_ranks_outcome(flag: torch.Tensor, loss: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """[2] float32 on the device, with no host read: the number of ranks where ``flag`` (finite) fails, and the mean
+    of ``loss`` over the ranks.
 
     The mean loss is what the divergence guard (guard.py) watches: the same value on every rank, so every rank takes
     the same rollback decision with no extra collective.
@@ -101,7 +105,12 @@ def all_ranks_finite(flag: torch.Tensor, loss: torch.Tensor, device: torch.devic
         both = both.to(device if device.type == 'cuda' else 'cpu')
         torch.distributed.all_reduce(both)
         both[1] /= utils.get_world_size()
-    nonfinite, mean_loss = both.tolist()
+    return both
+
+
+def all_ranks_finite(flag: torch.Tensor, loss: torch.Tensor, device: torch.device) -> Tuple[bool, float]:
+    """Whether ``flag`` holds on every rank, and the mean of ``loss`` over the ranks, in one host sync."""
+    nonfinite, mean_loss = all_ranks_outcome(flag, loss, device).tolist()
     return nonfinite == 0, mean_loss
 
 
@@ -130,12 +139,19 @@ class Engine:
             (``fullgraph``: a graph break is an error) with static shapes: one graph per text length, which the
             collate rounds to --text-pad-multiple, so a run compiles a handful of times. ``compile_backend``:
             torch.compile's backend (tests use 'eager' / 'aot_eager' on the CPU). The first step logs its time.
+        defer_reads: the host learns a step's outcome (finite on every rank? its mean loss) later, in one read for
+            all the steps since the last one (``flush``: main.py's progress lines, checkpoints and epoch ends), so a
+            device runs step N while the host queues step N+1. A non-finite step is then skipped on the device
+            (fused AdamW's ``found_inf``: parameters and optimizer state stay bitwise as they were), and the streak,
+            the warnings and ``on_result`` (the divergence guard) follow at the flush, step by step, as they would
+            have right after each step. Only with an optimizer that skips on the device and without fp16's loss
+            scaler (which reads its own found_inf); otherwise (and by default) every step is read at once.
     """
 
     def __init__(self, model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer, *,
                  device: torch.device, precision: str = 'fp32', update_freq: int = 1, legacy_update_freq: bool = False,
                  max_nonfinite: int = 5, distributed: bool = False, compile: bool = False,
-                 compile_backend: str = 'inductor'):
+                 compile_backend: str = 'inductor', defer_reads: bool = False):
         if update_freq < 1:
             raise ValueError(f'--update-freq must be >= 1, got {update_freq}')
         self._stages = _Stages(model, criterion)
@@ -168,6 +184,10 @@ class Engine:
         self.skipped = 0  # non-finite steps skipped in this epoch (train_one_epoch resets it)
         self._sums: Dict[str, torch.Tensor] = {}  # metric sums on the device since the last read_metrics()
         self._steps = 0
+        self.defer_reads = (defer_reads and not self.scaler.is_enabled() and bool(optimizer.defaults.get('fused'))
+                            and getattr(optimizer, '_step_supports_amp_scaling', False))
+        self._pending: List[Tuple[Optional[int], str, object]] = []  # (global step, where, outcome) not yet read
+        self.on_result: Optional[Callable[[int], None]] = None  # after each step's outcome is read (the guard)
 
     @property
     def criterion(self) -> nn.Module:
@@ -191,11 +211,12 @@ class Engine:
         leaves its non-finite ones), no non-finite streak, no unread metrics."""
         self.optimizer.zero_grad(set_to_none=True)
         self.streak, self.streak_start, self.skipped, self.last_loss = 0, None, 0, float('nan')
-        self._sums, self._steps = {}, 0
+        self._sums, self._steps, self._pending = {}, 0, []
 
     def step(self, micro_batches: Sequence[augment.Batch], global_step: Optional[int] = None,
-             where: str = '') -> bool:
-        """One optimizer step over ``micro_batches``; returns whether it was taken (False: non-finite, skipped)."""
+             where: str = '') -> Optional[bool]:
+        """One optimizer step over ``micro_batches``; returns whether it was taken (False: non-finite, skipped), or
+        None with ``defer_reads`` (known at the next ``flush``)."""
         if len(micro_batches) != self.update_freq:
             raise ValueError(f'an optimizer step takes {self.update_freq} micro-batches, got {len(micro_batches)}')
         self.global_step = global_step
@@ -203,32 +224,64 @@ class Engine:
             for group in self.optimizer.param_groups:
                 group['lr'] = float(self.schedule[global_step])
         t_compile = time.perf_counter() if self.compile_pending else None
-        metrics, finite = self.forward_backward(micro_batches)  # (its loss read waits for the step to finish)
+        metrics, outcome = self.forward_backward(micro_batches)
         if t_compile is not None:
+            if self.device.type == 'cuda':
+                torch.cuda.synchronize(self.device)  # the compiled step's run, not only its launch
             self.compile_pending, self.compile_s = False, time.perf_counter() - t_compile
             logger.info('compile took %.1f s (the first compiled step, its run included)', self.compile_s)
-        if finite:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.streak = 0
+        self._pending.append((global_step, where, outcome))
+        taken = None
+        if self.defer_reads:
+            self.optimizer.found_inf = (outcome[0] > 0).float()  # 1: the fused step leaves everything as it was
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf
+            if len(self._pending) >= MAX_PENDING:  # a caller that never flushes (bench.py) keeps little
+                self.flush()
         else:
-            self.streak += 1
-            self.skipped += 1
-            self.streak_start = global_step if self.streak == 1 else self.streak_start
-            logger.warning('%s: non-finite loss, step skipped (%d in a row)', where or 'step', self.streak)
-            if self.streak >= self.max_nonfinite:
-                raise NonFiniteStreak(f'{self.streak} consecutive steps with a non-finite loss ({where}): lower --lr, '
-                                      f'try --precision amp_bf16/fp32, or check the data', self.streak_start,
-                                      global_step)
+            taken = self.flush()[-1]  # raises NonFiniteStreak
+            if taken:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         logit_scale = self._clamp_logit_scale()
         if logit_scale is not None:
             metrics['logit_scale'] = logit_scale
         self._add_metrics(metrics)
-        return finite
+        return taken
 
-    def forward_backward(self, micro_batches: Sequence[augment.Batch]) -> Tuple[Dict[str, torch.Tensor], bool]:
-        """Accumulate the gradient of one optimizer step in ``.grad``; returns (detached metrics, all finite)."""
+    def flush(self) -> List[bool]:
+        """Read the outcome of every step not read yet (one host read) and act on each in order, as right after it:
+        the loss the guard watches (``last_loss``), the non-finite streak and its warning (NonFiniteStreak after
+        ``max_nonfinite`` in a row), then ``on_result(global_step)``. Returns whether each step was taken."""
+        pending, self._pending = self._pending, []
+        queued = [o for _, _, o in pending if isinstance(o, torch.Tensor)]
+        values = iter(torch.stack(queued).tolist() if queued else [])
+        taken = []
+        for global_step, where, outcome in pending:
+            nonfinite, self.last_loss = next(values) if isinstance(outcome, torch.Tensor) else outcome
+            taken.append(nonfinite == 0)
+            if nonfinite:
+                self.streak += 1
+                self.skipped += 1
+                self.streak_start = global_step if self.streak == 1 else self.streak_start
+                logger.warning('%s: non-finite loss, step skipped (%d in a row)', where or 'step', self.streak)
+                if self.streak >= self.max_nonfinite:
+                    raise NonFiniteStreak(f'{self.streak} consecutive steps with a non-finite loss ({where}): lower '
+                                          f'--lr, try --precision amp_bf16/fp32, or check the data',
+                                          self.streak_start, global_step)
+            else:
+                self.streak = 0
+            if self.on_result is not None and global_step is not None:
+                self.on_result(global_step)
+        return taken
+
+    def forward_backward(self, micro_batches: Sequence[augment.Batch]) -> Tuple[Dict[str, torch.Tensor], object]:
+        """Accumulate the gradient of one optimizer step in ``.grad``; returns (detached metrics, the outcome): the
+        number of ranks with a non-finite loss and the mean loss, [2] on the device (``all_ranks_outcome``) or, when
+        it had to be read already, as a host pair."""
         if self.exact:
             return self._exact(micro_batches)
         return self._plain(micro_batches)
@@ -252,8 +305,7 @@ class Engine:
             finite &= torch.isfinite(out['loss']).all()
             for name, v in out.items():
                 metrics[name] = metrics.get(name, 0) + v.detach() / k
-        finite, self.last_loss = all_ranks_finite(finite, metrics['loss'], self.device)
-        return metrics, finite
+        return metrics, all_ranks_outcome(finite, metrics['loss'], self.device)
 
     def _exact(self, micro_batches):
         # 1. the towers of every micro-batch, without gradient, and the RNG state each started from
@@ -269,9 +321,11 @@ class Engine:
         with self._autocast():
             out = self.criterion(self.model.head(kept))
         metrics = {name: v.detach() for name, v in out.items()}
-        finite, self.last_loss = all_ranks_finite(torch.isfinite(out['loss']).all(), out['loss'], self.device)
-        if not finite:
-            return metrics, False
+        outcome = all_ranks_outcome(torch.isfinite(out['loss']).all(), out['loss'], self.device)
+        if not self.defer_reads:  # read now: a non-finite loss spares the backward and the replay
+            outcome = outcome.tolist()
+            if outcome[0]:
+                return metrics, outcome
         if any(p.grad is not None for p in head_params):
             raise RuntimeError('exact accumulation starts from cleared gradients (optimizer.zero_grad)')
         with self._sync(False):  # the graph holds only the kept outputs and the head: DDP has nothing to reduce yet
@@ -291,7 +345,7 @@ class Engine:
                     surrogate = self.net(batch, mode='replay', feature_grads=grads_i,
                                          head_grads=head_grads if last else None)
                 surrogate.backward()
-        return metrics, True
+        return metrics, outcome
 
     def _clamp_logit_scale(self) -> Optional[torch.Tensor]:
         if not hasattr(self.model, 'logit_scale'):
@@ -360,9 +414,9 @@ def train_one_epoch(engine: Engine, loader, epoch: int, first_step: int, iters_p
 
     Reads ``args.print_freq``, ``args.epochs``, ``args.batch_size``, ``args.world_size``, ``args.max_bad_fraction``.
     ``on_step(step)`` is called after every optimizer step (main.py's mid-epoch checkpoints, which therefore fall on
-    optimizer-step boundaries, and the divergence guard). A step for which ``skip(step)`` is true (a window skipped
-    after a rollback) reads its micro-batches and discards them untrained, so the data stream stays where it would
-    be for every data format. Returns the epoch's metric averages (synchronised over ranks), the last learning rate,
+    optimizer-step boundaries; the divergence guard is the engine's ``on_result``, called as outcomes are read). A
+    step for which ``skip(step)`` is true (a window skipped after a rollback) reads its micro-batches and discards
+    them untrained, so the data stream stays where it would be for every data format. Returns the epoch's metric averages (synchronised over ranks), the last learning rate,
     and the counts of bad samples, non-finite skipped steps and discarded steps.
     """
     device, k = engine.device, engine.update_freq
@@ -384,7 +438,8 @@ def train_one_epoch(engine: Engine, loader, epoch: int, first_step: int, iters_p
                 micro.append(None)  # read, then dropped: the step is skipped
                 continue
             micro.append(batch)  # finished on the device by the loader (train_data.DeviceBatches)
-            counts += torch.tensor([float(batch.n_bad.sum()), len(batch.n_bad)], dtype=torch.float64)
+            counts[0] += batch.n_bad.sum()  # n_bad stays on the host (augment.Batch.HOST): no device read
+            counts[1] += len(batch.n_bad)
         if len(micro) < k:
             logger.warning('epoch %d: the data ran out after %d of %d steps', epoch, step, iters_per_epoch)
             break
@@ -396,7 +451,8 @@ def train_one_epoch(engine: Engine, loader, epoch: int, first_step: int, iters_p
             _report(engine, meters, counts, args, epoch, step, iters_per_epoch, wait, t_epoch, first_step, writer)
         if on_step is not None:
             on_step(step + 1)
-    values, n = engine.read_metrics()  # steps since the last progress line
+    engine.flush()  # the outcome of the steps since the last progress line (the guard may still raise)
+    values, n = engine.read_metrics()
     if n:
         meters.update(n=n * args.batch_size * k, **values)
     meters.synchronize()
@@ -418,6 +474,7 @@ def _check_bad_fraction(counts, args, epoch):
 
 
 def _report(engine, meters, counts, args, epoch, step, iters, wait, t_epoch, first_step, writer):
+    engine.flush()  # the steps' outcomes: non-finite warnings and the guard come before their progress line
     values, n = engine.read_metrics()
     meters.update(n=n * args.batch_size * engine.update_freq, **values)
     elapsed = time.perf_counter() - t_epoch

@@ -170,7 +170,8 @@ class LongRun:
         return (lambda step: any(a <= step <= b for a, b in windows)) if windows else None
 
     def observe(self, engine, global_step: int) -> None:
-        """After each optimizer step: raises Divergence when the guard sees one."""
+        """As each optimizer step's outcome is read (the engine's ``on_result``): raises Divergence when the guard
+        sees one."""
         if self.enabled and engine.streak == 0:  # a non-finite step is the engine's (NonFiniteStreak)
             flagged = self.guard.observe(global_step, engine.last_loss)
             if flagged is not None:

@@ -121,7 +121,7 @@ def build_engine(model, args, device) -> engine_lib.Engine:
     return engine_lib.Engine(model, criterion, build_optimizer(model, args, device), device=device,
                              precision=args.precision, update_freq=args.update_freq,
                              legacy_update_freq=args.legacy_update_freq, max_nonfinite=args.max_nonfinite,
-                             distributed=args.distributed, compile=args.compile)
+                             distributed=args.distributed, compile=args.compile, defer_reads=True)
 
 
 def build_optimizer(model, args, device):
@@ -246,6 +246,7 @@ class TrainState:
 
 def save(args, t: TrainState, epoch, step, best_acc1, is_best=False):
     """Checkpoint at an optimizer-step boundary: ``step`` steps of ``epoch`` are done. ``t``: the run (main)."""
+    t.engine.flush()  # every step before it is seen by the guard first (which may raise Divergence instead)
     for name, p in t.model.named_parameters():
         if not torch.isfinite(p).all():
             raise RuntimeError(f'refusing to save a checkpoint: parameter {name} holds non-finite values')
@@ -263,13 +264,13 @@ def save(args, t: TrainState, epoch, step, best_acc1, is_best=False):
 def train(args, t: TrainState, start_epoch, start_step, best_acc1):
     """The epoch loop from ``start_step`` steps of ``start_epoch``; returns (last epoch's stats, best_acc1)."""
     t.run.start(args, t.engine, start_epoch, start_step, t.iters)  # random streams and schedule, as on resume
+    t.engine.on_result = lambda global_step: t.run.observe(t.engine, global_step)  # raises guard.Divergence
     stats = {}
     for epoch in range(start_epoch, args.epochs):
         first = start_step if epoch == start_epoch else 0
         t.sampler.set_epoch(epoch, first * args.update_freq, args.batch_size)  # skip what was already trained
 
         def on_step(step, epoch=epoch, best=best_acc1):
-            t.run.observe(t.engine, t.iters * epoch + step - 1)  # raises guard.Divergence
             if args.save_every_steps and step % args.save_every_steps == 0 and step < t.iters:
                 save(args, t, epoch, step, best)
 

@@ -168,3 +168,40 @@ def gloo_run(tmp_path_factory):
         mp.spawn(_gloo_worker, args=(world_size, str(tmp / 'init'), str(tmp), fn, args), nprocs=world_size, join=True)
         return [torch.load(tmp / f'rank{rank}.pt', weights_only=True) for rank in range(world_size)]
     return run
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Host reads of device values (tests/test_compile.py, tests/test_engine.py)
+# ----------------------------------------------------------------------------------------------------------------
+READ_CALLS = [('Tensor', n) for n in ('item', 'tolist', 'nonzero', 'numpy', 'argwhere', 'masked_select', 'unique',
+                                      '__int__', '__float__', '__bool__', '__index__')] + \
+             [('torch', n) for n in ('nonzero', 'argwhere', 'masked_select', 'unique')]
+
+
+@pytest.fixture
+def count_reads(monkeypatch):
+    """``with count_reads() as calls:`` lists, in order, every call in the block that reads a tensor's value on the
+    host or gives a shape that depends on one (``READ_CALLS``, patched on torch and torch.Tensor)."""
+    import contextlib
+
+    import torch
+
+    @contextlib.contextmanager
+    def counting():
+        calls = []
+
+        def wrap(name, fn):
+            def counted(*args, **kwargs):
+                calls.append(name)
+                return fn(*args, **kwargs)
+            return counted
+
+        patch = pytest.MonkeyPatch()
+        for owner, name in READ_CALLS:
+            owner = torch.Tensor if owner == 'Tensor' else torch
+            patch.setattr(owner, name, wrap(name, getattr(owner, name)))
+        try:
+            yield calls
+        finally:
+            patch.undo()
+    return counting

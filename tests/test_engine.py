@@ -51,9 +51,9 @@ def test_exact_accumulation_of_4x8_equals_one_batch_of_32(name, checkpointing):
     """Loss, every parameter's gradient (logit_scale included) and the BatchNorm running statistics."""
     a, b = _pair(name, checkpointing)
     data = _batch(name, 32)
-    metrics, finite = _engine(a, name, update_freq=4).forward_backward(data.chunk(4))
+    metrics, outcome = _engine(a, name, update_freq=4).forward_backward(data.chunk(4))
     ref, _ = _engine(b, name).forward_backward([data])
-    assert finite
+    assert float(outcome[0]) == 0  # no rank with a non-finite loss
     _assert_same_training(a, b, metrics['loss'], ref['loss'])
     if name != 'SIMCLR_TINY':
         assert a.logit_scale.grad.abs() > 0  # the temperature really is trained, once
@@ -146,8 +146,8 @@ def _dist_worker(rank, world_size):
         model = models.create_model(name, **kw).double()
         eng = _engine(model, name, update_freq=2, distributed=True)
         local = _batch(name, 16).chunk(world_size)[rank]
-        metrics, finite = eng.forward_backward(local.chunk(2))
-        results[name] = {'grads': {n: p.grad for n, p in model.named_parameters()}, 'finite': finite}
+        metrics, outcome = eng.forward_backward(local.chunk(2))
+        results[name] = {'grads': {n: p.grad for n, p in model.named_parameters()}, 'nonfinite': float(outcome[0])}
     return results
 
 
@@ -165,7 +165,7 @@ def test_two_ranks_accumulating_2x4_equal_one_process_batch_16(dist_grads, name)
     torch.manual_seed(0)
     model = models.create_model(name, **DIST_CASES[name]).double()
     _engine(model, name).forward_backward([_batch(name, 16)])
-    assert got['finite']
+    assert got['nonfinite'] == 0
     for n, p in model.named_parameters():
         assert got['grads'][n] is not None, n
         torch.testing.assert_close(got['grads'][n], p.grad, rtol=RTOL, atol=1e-14, msg=n)
@@ -181,3 +181,114 @@ def test_exact_accumulation_with_a_layernorm_ssl_head_equals_one_big_batch():
     metrics, _ = _engine(a, 'SIMCLR_TINY', update_freq=2).forward_backward(data.chunk(2))
     ref, _ = _engine(b, 'SIMCLR_TINY').forward_backward([data])
     _assert_same_training(a, b, metrics['loss'], ref['loss'])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Deferred reads (main.py's engine): nothing read inside a step, every outcome read and acted on at flush()
+# ----------------------------------------------------------------------------------------------------------------
+def _fused_engine(model, defer, **kw):
+    """main.py's optimizer kind (fused AdamW, which can skip a step on the device), fp32, 2 micro-batches."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, fused=True)
+    return engine_lib.Engine(model, models.get_loss('CLIP_TINY'), optimizer, device=torch.device('cpu'),
+                             update_freq=2, defer_reads=defer, **kw)
+
+
+def _nan_at(monkeypatch, steps, engines):
+    """The loss is NaN on the given global steps (read from whichever engine is stepping)."""
+    real = losses.CLIPLoss.forward
+
+    def forward(self, out):
+        result = real(self, out)
+        if any(e.global_step in steps for e in engines if getattr(e, "stepping", False)):
+            result['loss'] = result['loss'] * float('nan')
+        return result
+    monkeypatch.setattr(losses.CLIPLoss, 'forward', forward)
+
+
+def _run(eng, micro, steps):
+    eng.stepping = True
+    taken = [eng.step(micro, global_step=s, where=f'step {s}') for s in steps]
+    eng.stepping = False
+    return taken
+
+
+@pytest.mark.parametrize('exact', [True, False])
+def test_deferred_reads_skip_nonfinite_steps_bitwise_as_immediate_reads_do(monkeypatch, exact):
+    """Steps 1 and 3 of 5 have a NaN loss: the deferring engine (skip on the device, read at flush) ends with the
+    same parameters and AdamW state, bitwise, and the same counts as the engine that reads every step at once."""
+    torch.manual_seed(0)
+    a = models.create_model('CLIP_TINY')
+    b = copy.deepcopy(a)
+    deferred, immediate = _fused_engine(a, True, legacy_update_freq=not exact), \
+        _fused_engine(b, False, legacy_update_freq=not exact)
+    assert deferred.defer_reads and not immediate.defer_reads
+    _nan_at(monkeypatch, {1, 3}, [deferred, immediate])
+    micro = bench.synthetic_batch(models.get_spec('CLIP_TINY'), 8, 'cpu').chunk(2)
+    assert _run(deferred, micro, range(5)) == [None] * 5  # not known yet
+    assert deferred.skipped == 0
+    assert deferred.flush() == [True, False, True, False, True]
+    assert _run(immediate, micro, range(5)) == [True, False, True, False, True]
+    assert deferred.skipped == immediate.skipped == 2 and deferred.streak == immediate.streak == 0
+    assert deferred.last_loss == immediate.last_loss
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(va, vb), k
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        for k in ('step', 'exp_avg', 'exp_avg_sq'):
+            assert torch.equal(deferred.optimizer.state[pa][k], immediate.optimizer.state[pb][k]), k
+
+
+def test_deferred_streak_and_guard_act_at_flush_in_step_order(monkeypatch):
+    """max_nonfinite=2, NaN losses on steps 2 and 3: the steps run, then flush() reports step 0 and 1 to
+    on_result (the guard's hook) with their own losses and raises NonFiniteStreak naming steps 2-3."""
+    torch.manual_seed(0)
+    eng = _fused_engine(models.create_model('CLIP_TINY'), True, max_nonfinite=2)
+    _nan_at(monkeypatch, {2, 3}, [eng])
+    seen = []
+    eng.on_result = lambda step: seen.append((step, eng.last_loss, eng.streak))
+    micro = bench.synthetic_batch(models.get_spec('CLIP_TINY'), 8, 'cpu').chunk(2)
+    _run(eng, micro, range(5))
+    assert seen == []
+    with pytest.raises(engine_lib.NonFiniteStreak) as err:
+        eng.flush()
+    assert (err.value.first, err.value.last) == (2, 3)
+    assert [s for s, _, _ in seen] == [0, 1, 2] and all(loss == loss for _, loss, _ in seen[:2])
+    assert seen[2][2] == 1  # step 2 seen with its streak: the guard ignores a non-finite step
+    assert eng.flush() == []  # step 4's outcome went with the aborted flush (a rollback follows)
+
+
+def test_deferred_step_reads_nothing_and_flush_reads_once(count_reads):
+    """On the padded text path (an accelerator's; the CPU's packed one reads the longest caption by design)."""
+    torch.manual_seed(0)
+    model = models.create_model('CLIP_TINY')
+    model.pad_text = True
+    eng = _fused_engine(model, True)
+    micro = bench.synthetic_batch(models.get_spec('CLIP_TINY'), 8, 'cpu').chunk(2)
+    with count_reads() as calls:
+        for step in range(3):
+            eng.step(micro, global_step=step)
+    assert calls == []
+    with count_reads() as calls:
+        assert eng.flush() == [True, True, True]
+    assert calls == ['tolist']
+
+
+@pytest.mark.parametrize('defer', [True, False])
+def test_an_epoch_reads_the_device_only_at_progress_lines(count_reads, defer):
+    """train_one_epoch with one progress line (the last step): the reads of an epoch of 4 steps are those of an
+    epoch of 1 (its progress line and epoch end) with main.py's deferring engine; the engine that reads every step
+    shows the counter sees the per-step read (3 more)."""
+    import argparse
+    args = argparse.Namespace(print_freq=100, epochs=1, batch_size=8, world_size=1, max_bad_fraction=0.1)
+    spec = models.get_spec('CLIP_TINY')
+    reads = {}
+    for n in (1, 4):
+        torch.manual_seed(0)
+        model = models.create_model('CLIP_TINY')
+        model.pad_text = True  # an accelerator's text path
+        eng = _fused_engine(model, defer)
+        loader = [bench.synthetic_batch(spec, 8, 'cpu', seed) for seed in range(2 * n)]
+        with count_reads() as calls:
+            stats = engine_lib.train_one_epoch(eng, loader, 0, 0, n, args)
+        reads[n] = len(calls)
+        assert stats['skipped_steps'] == 0 and stats['loss'] == stats['loss']
+    assert reads[4] - reads[1] == (0 if defer else 3)
