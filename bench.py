@@ -24,6 +24,8 @@ interleaved, against CLIP at the same size (step time and FLOPs as ratios to it)
     python bench.py train --model SLIP_VITS16 --batch-size 8 --precision fp32 --device cpu --steps 3 --warmup 1 \
         --count-flops --clip-reference --variants 'default;ssl-view-size=112;ssl-mask-ratio=0.5'
 Each configuration prints a table row and one JSON line (`samples_per_s`, `step_s_median`, ...).
+One ViT block's attention, forward and backward, timm's heads' layout against SplitHeadsAttention's, interleaved:
+    python bench.py attention --model SLIP_VITB16 --batch-size 32 --precision fp32 --device cpu --steps 9
 
 Metadata memory (Python lists as before vs compact arrays memory-mapped from the cache, each in a fresh process):
     python bench.py data --metadata-memory --root /tmp/meta_bench --metadata /tmp/meta_bench/yfcc15m.pkl \
@@ -36,12 +38,13 @@ import json
 
 import utils
 from bench_data import bench_data, bench_metadata, make_caption_fixture, make_yfcc_fixture  # noqa: F401
-from bench_train import VIEW_OPTIONS, TrainStep, bench_head, bench_train, parse_variants, synthetic_batch  # noqa: F401
+from bench_train import (VIEW_OPTIONS, TrainStep, bench_attention, bench_head, bench_train,  # noqa: F401
+                         parse_variants, synthetic_batch)
 
 
 def get_args_parser():
     p = argparse.ArgumentParser('SLIP benchmarks', add_help=False)
-    p.add_argument('mode', choices=['train', 'head', 'data'])
+    p.add_argument('mode', choices=['train', 'head', 'data', 'attention'])
     p.add_argument('--model', default='SLIP_VITB16')
     p.add_argument('--batch-size', default=8, type=int)
     p.add_argument('--precision', default=None, choices=utils.PRECISIONS, help='default: the device\'s default')
@@ -135,7 +138,7 @@ def main(args):
     else:
         device = utils.resolve_device(args.device)
         args.precision = args.precision or utils.default_precision(device)
-        rows = bench_head(args, device) if args.mode == 'head' else bench_train(args, device)
+        rows = {'head': bench_head, 'attention': bench_attention}.get(args.mode, bench_train)(args, device)
     print_rows(rows)
     return rows
 

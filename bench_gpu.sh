@@ -53,6 +53,7 @@ step clip_b256_eager 45 $PY "${TRAIN[@]}" --model CLIP_VITB16 --batch-size 256
 step clip_b256_compiled 110 $PY "${TRAIN[@]}" --model CLIP_VITB16 --batch-size 256 --compile --torch-profile 15
 step slip_b256_eager 50 $PY "${TRAIN[@]}" --model SLIP_VITB16 --batch-size 256
 step slip_b256_compiled 120 $PY "${TRAIN[@]}" --model SLIP_VITB16 --batch-size 256 --compile
+step attention_layout_b256 40 $PY bench.py attention --model SLIP_VITB16 --batch-size 256 --device cuda --steps 20
 step accum_4x64_vs_256 60 $PY "${TRAIN[@]}" --model SLIP_VITB16 --batch-size 64 --update-freq 4 --compare-accum
 step clip_b128_eager 40 $PY "${TRAIN[@]}" --model CLIP_VITB16 --batch-size 128
 step clip_b128_compiled 100 $PY "${TRAIN[@]}" --model CLIP_VITB16 --batch-size 128 --compile

@@ -332,3 +332,40 @@ def bench_head(args, device):
         for r in rows:
             r['largest_batch_for_memory_gb'] = fit
     return rows
+
+
+def bench_attention(args, device):
+    """One block's attention of ``--model``'s ViT (``--batch-size`` images of 224 px: 197 tokens), forward and
+    backward under the run's autocast: timm's heads' layout (permuted, then unbound) against ``SplitHeadsAttention``
+    (unbound in the projection's layout: one full copy of the q/k/v gradient fewer), interleaved."""
+    from towers import SplitHeadsAttention, TimmAttention
+    visual = models.create_model(args.model).visual.to(device)
+    attn = visual.blocks[0].attn
+    tokens = visual.patch_embed.num_patches + getattr(visual, 'num_prefix_tokens', 1)
+    x = torch.randn(args.batch_size, tokens, visual.embed_dim, device=device, requires_grad=True)
+    layouts = {'timm': TimmAttention, 'split_heads': SplitHeadsAttention}
+    times = {name: [] for name in layouts}
+
+    def run(cls):
+        attn.__class__ = cls
+        with utils.autocast(args.precision, device):
+            y = attn(x)
+        y.backward(torch.ones_like(y))
+        x.grad, attn.qkv.weight.grad = None, None
+
+    for _ in range(args.warmup):
+        for cls in layouts.values():
+            run(cls)
+    for _ in range(args.steps):
+        for name, cls in layouts.items():
+            _sync(device)
+            t = time.perf_counter()
+            run(cls)
+            _sync(device)
+            times[name].append(time.perf_counter() - t)
+    base = statistics.median(times['timm'])
+    return [{'mode': 'attention', 'model': models.get_spec(args.model).name, 'layout': name,
+             'batch_size': args.batch_size, 'tokens': tokens, 'precision': args.precision, 'device': str(device),
+             'fwd_bwd_ms_median': statistics.median(t) * 1e3, 'time_vs_timm': statistics.median(t) / base}
+            for name, t in times.items()]
+

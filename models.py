@@ -40,9 +40,9 @@ import augment
 import losses
 import utils
 from towers import (SSL_HEAD_NORMS, CausalSelfAttention, LayerNorm, QuickGELU,  # noqa: F401 (re-exported)
-                    ResidualAttentionBlock, Transformer, build_mlp, class_token_only_ok, is_vit, keep_tokens,
-                    set_dynamic_img_size, visual_features, visual_forward, vit_class_token_features, vit_embed,
-                    vit_masked_features)
+                    ResidualAttentionBlock, SplitHeadsAttention, TimmAttention, Transformer, build_mlp, class_token_only_ok,
+                    is_vit, keep_tokens, set_dynamic_img_size, split_heads, use_split_heads, visual_features,
+                    visual_forward, vit_class_token_features, vit_embed, vit_masked_features)
 
 LOGIT_SCALE_INIT = float(np.log(1 / 0.07))  # CLIP's initial temperature
 CONTEXT_LENGTH = 77
@@ -279,7 +279,9 @@ TEXT_TINY = dict(embed_dim=64, transformer_width=64, transformer_heads=4, transf
 
 def _vit(tower) -> nn.Module:
     name, overrides, _ = tower
-    return timm.create_model(name, pretrained=False, num_classes=0, **overrides)
+    visual = timm.create_model(name, pretrained=False, num_classes=0, **overrides)
+    use_split_heads(visual)  # q/k/v heads in the projection's layout: one copy fewer per block's backward
+    return visual
 
 
 # Keywords a caller may pass to a registry builder (the rest is fixed by the architecture). ``rand_embed`` is passed
@@ -396,8 +398,8 @@ def get_loss(model: str, ssl_temp: float = 0.1, ssl_scale: float = 1.0, legacy_c
 
 
 def set_fast_paths(model: nn.Module, enabled: bool) -> None:
-    """Switch every exact shortcut on or off: shared view pass, class-token-only last ViT block, packed text and
-    fused attention."""
+    """Switch every exact shortcut on or off: shared view pass, class-token-only last ViT block, packed text, fused
+    attention and the ViT attention's split heads (``towers.SplitHeadsAttention``)."""
     for m in model.modules():
         if isinstance(m, (CLIP, SIMCLR)):
             has_batch_stats = any(isinstance(x, nn.modules.batchnorm._BatchNorm) for x in m.visual.modules())
@@ -409,4 +411,8 @@ def set_fast_paths(model: nn.Module, enabled: bool) -> None:
             m.fused = enabled
         if hasattr(m, 'fused_attn'):  # timm attention
             m.fused_attn = enabled
+        if type(m) is SplitHeadsAttention and not enabled:
+            m.__class__ = TimmAttention  # timm's own heads' layout (the same numbers, one more copy)
+    if enabled:
+        use_split_heads(model)
 

@@ -17,7 +17,60 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import Attention as TimmAttention
 from torch.utils.checkpoint import checkpoint
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Attention heads from one q/k/v projection, in the projection's own memory layout
+# ----------------------------------------------------------------------------------------------------------------
+def split_heads(qkv: torch.Tensor) -> List[torch.Tensor]:
+    """[B, N, P, H, d] (one projection's output viewed as P = 3 or 2 parts of H heads) -> P x [B, H, N, d].
+
+    Unbound along P before the transposes (not permuted first, as timm and PyTorch's MultiheadAttention do): each
+    part is a view that keeps the projection's layout, so in the backward the parts' gradients are stacked straight
+    into [B, N, P, H, d], which is already the projection's output gradient. Permuting first makes the stack build
+    [P, B, H, N, d] and then a second full copy to bring it back (tested: no ``clone`` in the backward)."""
+    return [part.transpose(1, 2) for part in qkv.unbind(2)]
+
+
+class SplitHeadsAttention(TimmAttention):
+    """timm's ViT ``Attention`` (same parameters, names and options: q/k norm, scale norm, gate, dropout, masks)
+    with its heads taken by ``split_heads``: the same numbers, one full copy fewer in the backward of every block.
+    ``use_split_heads`` switches a timm ViT's attention modules to it in place."""
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
+        B, N, _ = x.shape
+        gate = self.gate(x).sigmoid() if getattr(self, 'gate', None) is not None else None
+        q, k, v = split_heads(self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim))  # [B, H, N, d]
+        q, k = self.q_norm(q), self.k_norm(k)
+        if self.fused_attn:
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                               dropout_p=self.attn_drop.p if self.training else 0.)
+        else:
+            from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
+            attn = (q * self.scale) @ k.transpose(-2, -1)
+            attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, attn_mask, is_causal))
+            x = self.attn_drop(attn.softmax(dim=-1)) @ v
+        x = self.norm(x.transpose(1, 2).reshape(B, N, self.attn_dim))
+        if gate is not None:
+            x = x * gate
+        return self.proj_drop(self.proj(x))
+
+
+SPLIT_HEADS_CHILDREN = {'qkv', 'q_norm', 'k_norm', 'attn_drop', 'norm', 'gate', 'proj', 'proj_drop'}
+
+
+def use_split_heads(visual: nn.Module) -> int:
+    """Switch every timm ``Attention`` of ``visual`` whose parts ``SplitHeadsAttention`` knows to it (the class
+    only: parameters, buffers and state_dict keys are untouched); returns how many were switched."""
+    switched = 0
+    for m in visual.modules():
+        if type(m) is TimmAttention and {name for name, _ in m.named_children()} <= SPLIT_HEADS_CHILDREN:
+            m.__class__ = SplitHeadsAttention
+            switched += 1
+    return switched
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -78,7 +131,7 @@ class CausalSelfAttention(nn.Module):
             qkv = qkv.new_zeros(B * L, qkv.shape[-1]).index_copy(0, flat, qkv)
         else:
             B, L = x.shape[:2]
-        heads = qkv.view(B, L, -1, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # [3 or 2, B, H, L, D/H]
+        heads = split_heads(qkv.view(B, L, -1, self.heads, D // self.heads))  # 3 or 2 x [B, H, L, D/H]
         mask = None  # causal
         if rows is None:
             q, k, v = heads
@@ -179,7 +232,8 @@ def class_token_only_ok(visual: nn.Module) -> bool:
     if getattr(visual, 'attn_pool', None) is not None or not len(visual.blocks) or not hasattr(visual, '_pos_embed'):
         return False
     block = visual.blocks[-1]
-    if type(block) is not Block or type(block.attn) is not Attention or getattr(block.attn, 'gate', None) is not None:
+    if type(block) is not Block or type(block.attn) not in (Attention, SplitHeadsAttention) or \
+            getattr(block.attn, 'gate', None) is not None:
         return False
     return not (block.training and any(isinstance(m, nn.Dropout) and m.p > 0 for m in block.modules()))
 
@@ -221,7 +275,7 @@ def vit_class_token_features(visual: nn.Module, x: torch.Tensor, keep: Optional[
     H, d, A = attn.num_heads, attn.head_dim, attn.attn_dim
     w, b = attn.qkv.weight, attn.qkv.bias
     q = F.linear(y[:, :1], w[:A], None if b is None else b[:A]).view(B, 1, H, d).transpose(1, 2)  # [B, H, 1, d]
-    k, v = F.linear(y, w[A:], None if b is None else b[A:]).view(B, N, 2, H, d).permute(2, 0, 3, 1, 4)
+    k, v = split_heads(F.linear(y, w[A:], None if b is None else b[A:]).view(B, N, 2, H, d))  # [B, H, N, d]
     q, k = attn.q_norm(q), attn.k_norm(k)
     if attn.fused_attn:
         o = F.scaled_dot_product_attention(q, k, v)

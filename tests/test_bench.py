@@ -85,6 +85,15 @@ def test_original_tokenizer_is_clips_and_loses_the_end_token_of_long_captions():
     assert tok(['a', 'b']).shape == (2, 77)
 
 
+def test_attention_mode_times_timms_layout_against_split_heads():
+    rows = bench.main(parse('attention', '--model', 'CLIP_TINY', '--batch-size', 2, '--device', 'cpu', '--steps', 3,
+                            '--warmup', 1, '--precision', 'fp32'))
+    assert [r['layout'] for r in rows] == ['timm', 'split_heads']
+    assert rows[0]['tokens'] == 65  # 64 px / patch 8 = 64 patches + the class token
+    assert rows[0]['time_vs_timm'] == 1.0
+    assert rows[1]['time_vs_timm'] == rows[1]['fwd_bwd_ms_median'] / rows[0]['fwd_bwd_ms_median']
+
+
 def test_head_mode_measures_each_accumulated_batch_and_fits_the_largest(capsys):
     rows = bench.main(parse('head', '--model', 'SLIP_TINY', '--head-batches', '64,128,256', '--device', 'cpu',
                             '--precision', 'fp32', '--memory-gb', 1))

@@ -173,6 +173,73 @@ def test_unfused_attention_equals_fused():
         torch.testing.assert_close(fused[k], plain[k], atol=1e-5, rtol=1e-5)
 
 
+class _BackwardOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """The aten ops a block of code runs (a backward, here), by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize('fused', [True, False])
+@pytest.mark.parametrize('tower', ['VIT_TINY', 'VIT_B'])
+def test_split_heads_attention_equals_timms_and_copies_less_in_its_backward(tower, fused):
+    """SplitHeadsAttention (every registered ViT's attention) against timm's own forward on the same module, float64:
+    equal outputs and gradients (1e-12) with dropout off, fused and plain; its fused backward stacks the heads'
+    gradients once with no further copy, where timm's permuted layout adds a clone of the whole q/k/v gradient."""
+    from timm.layers import Attention
+    torch.manual_seed(0)
+    visual = models._vit(getattr(models, tower)).double()
+    attn = visual.blocks[0].attn
+    assert type(attn) is models.SplitHeadsAttention and set(attn.state_dict()) == {'qkv.weight', 'qkv.bias',
+                                                                                  'proj.weight', 'proj.bias'}
+    attn.fused_attn = fused
+    x = torch.randn(2, 17, visual.embed_dim, dtype=torch.float64)
+    results = {}
+    for cls in (models.SplitHeadsAttention, Attention):
+        attn.__class__ = cls
+        xi = x.clone().requires_grad_()
+        y = attn(xi)
+        with _BackwardOps() as ops:
+            y.backward(torch.ones_like(y))
+        results[cls] = y.detach(), xi.grad, attn.qkv.weight.grad.clone(), ops.ops
+        attn.zero_grad()
+    ours, timms = results[models.SplitHeadsAttention], results[Attention]
+    for a, b in zip(ours[:3], timms[:3]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    if fused:  # (the plain path's batched matmuls copy their transposed operands in either layout)
+        assert ours[3].count('stack') == 1 and 'clone' not in ours[3] and 'copy_' not in ours[3]
+        assert 'clone' in timms[3] or 'copy_' in timms[3]  # what the layout saves: the check can fail
+
+
+def test_text_attention_backward_stacks_its_heads_gradients_with_no_copy():
+    attn = models.CausalSelfAttention(64, 4)
+    y = attn(torch.randn(3, 9, 64, requires_grad=True))
+    with _BackwardOps() as ops:
+        y.backward(torch.ones_like(y))
+    assert ops.ops.count('stack') == 1 and 'clone' not in ops.ops and 'copy_' not in ops.ops
+
+
+def test_every_registered_vit_uses_split_heads_and_keeps_the_released_keys():
+    from timm.layers import Attention
+    for name in ('CLIP_VITS16', 'SLIP_VITB16', 'SIMCLR_VITL16'):
+        model = models.create_model(name)
+        kinds = {type(m) for m in model.visual.modules() if isinstance(m, Attention)}
+        assert kinds == {models.SplitHeadsAttention}, name
+    visual = models._vit(models.VIT_TINY)
+    before = {k: v.clone() for k, v in visual.state_dict().items()}
+    assert models.use_split_heads(visual) == 0  # already switched: nothing left to switch
+    models.set_fast_paths(visual, False)  # the baseline runs timm's own attention
+    assert type(visual.blocks[0].attn) is Attention
+    models.set_fast_paths(visual, True)
+    assert type(visual.blocks[0].attn) is models.SplitHeadsAttention
+    assert all(torch.equal(before[k], v) for k, v in visual.state_dict().items())
+
+
 def test_sync_batchnorm_conversion_keeps_keys():
     model = models.create_model('SLIP_TINY')
     keys = list(model.state_dict())
