@@ -55,6 +55,9 @@ def get_args_parser():
     p.add_argument('--baseline', action='store_true', help='every fast path off')
     p.add_argument('--compare', action='store_true', help='baseline and fast paths side by side, interleaved')
     p.add_argument('--compile', action='store_true', help='torch.compile the model (fast configuration)')
+    p.add_argument('--compare-compile', action='store_true',
+                   help='the fast step eager and compiled (--compile-mode), interleaved in one process')
+    p.add_argument('--compile-mode', default='default', help='main.py\'s --compile-mode (reduce-overhead: CUDA graphs)')
     p.add_argument('--update-freq', default=1, type=int, help='micro-batches per optimizer step (main.py\'s flag)')
     p.add_argument('--legacy-update-freq', action='store_true', help='the original\'s per-micro-batch accumulation')
     p.add_argument('--compare-accum', action='store_true',

@@ -57,6 +57,8 @@ step attention_layout_b256 40 $PY bench.py attention --model SLIP_VITB16 --batch
 step accum_4x64_vs_256 60 $PY "${TRAIN[@]}" --model SLIP_VITB16 --batch-size 64 --update-freq 4 --compare-accum
 step clip_b128_eager 40 $PY "${TRAIN[@]}" --model CLIP_VITB16 --batch-size 128
 step clip_b128_compiled 100 $PY "${TRAIN[@]}" --model CLIP_VITB16 --batch-size 128 --compile
+step clip_b128_cuda_graphs 110 $PY "${TRAIN[@]}" --model CLIP_VITB16 --batch-size 128 --compile \
+    --compile-mode reduce-overhead
 step slip_b128_eager 45 $PY "${TRAIN[@]}" --model SLIP_VITB16 --batch-size 128
 step slip_b128_compiled 110 $PY "${TRAIN[@]}" --model SLIP_VITB16 --batch-size 128 --compile
 # --- issue 24: the GPU input path. nvImageCodec (libjpeg's chroma) when its wheel was carried to the machine

@@ -78,15 +78,17 @@ class TrainStep:
     """
 
     def __init__(self, args, device, baseline, batch_size=None, update_freq=None, name=None, model_name=None,
-                 options=None, shared=None):
+                 options=None, shared=None, compile=None):
         """``options``: the view options (VIEW_OPTIONS; default: bench.py's flags); ``shared``: a dict in which
-        configurations of one model name share a model and an engine (--variants: only their batches differ)."""
+        configurations of one model name share a model and an engine (--variants: only their batches differ);
+        ``compile``: torch.compile the fast configuration (default: --compile)."""
+        self.compiled = (args.compile if compile is None else compile) and not baseline
         import main
         torch.manual_seed(args.seed)
         self.batch_size = batch_size or args.batch_size
         self.update_freq = update_freq or args.update_freq
         accum = f' {self.update_freq}x{self.batch_size}' if args.compare_accum else ''
-        self.name = name or ('baseline' if baseline else 'fast' + ('+compile' if args.compile else '')) + accum
+        self.name = name or ('baseline' if baseline else 'fast' + ('+compile' if self.compiled else '')) + accum
         model_name = model_name or args.model
         self.spec = models.get_spec(model_name)
         self.options = {k: getattr(args, k) for k in VIEW_OPTIONS} if options is None else dict(options)
@@ -101,7 +103,8 @@ class TrainStep:
             train_args = main.get_args_parser().parse_args(['--model', model_name])  # main.py's defaults: lr, wd...
             train_args.update_freq, train_args.legacy_update_freq = self.update_freq, args.legacy_update_freq
             train_args.precision, train_args.distributed = args.precision, False
-            train_args.compile = args.compile and not baseline
+            train_args.compile = self.compiled
+            train_args.compile_mode = args.compile_mode
             self.engine = main.build_engine(self.model, train_args, device)
             if shared is not None:
                 shared[model_name] = self.model, self.engine
@@ -237,6 +240,8 @@ def bench_train(args, device):
         args.legacy_update_freq = True  # same micro-batches, one forward each: isolates the extra forward's cost
         configs.append(TrainStep(args, device, args.baseline, b, k, name=f'legacy {k}x{b}'))
         args.legacy_update_freq = False
+    elif args.compare_compile:  # the fast step eager and compiled, interleaved
+        configs = [TrainStep(args, device, False, compile=False), TrainStep(args, device, False, compile=True)]
     elif args.compare:
         configs = [TrainStep(args, device, True), TrainStep(args, device, False)]
     elif args.variants:  # view options, all on one shared model and engine
@@ -275,7 +280,8 @@ def bench_train(args, device):
                'mfu': (c.flops / med / (peak * 1e12)) if peak and c.flops else None,
                'nominal_gflops_per_step': c.nominal_flops / 1e9 if c.nominal_flops else None,
                'mfu_nominal': (c.nominal_flops / med / (peak * 1e12)) if peak and c.nominal_flops else None,
-               'first_step_s': c.first_step_s, 'compiled': bool(args.compile and c.fast)}
+               'first_step_s': c.first_step_s, 'compiled': c.compiled,
+               'compile_mode': args.compile_mode if c.compiled else None}
         if args.torch_profile:
             row['torch_profile'] = c.torch_profile(args.torch_profile)
         if c.engine.compile_s is not None:

@@ -45,6 +45,7 @@ from utils import logger
 
 LOGIT_SCALE_MAX = math.log(100)  # CLIP's clamp of the learned temperature
 MAX_PENDING = 1000  # steps whose outcome a deferring engine keeps unread at most
+COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')  # torch.compile's modes
 
 
 class _Stages(nn.Module):
@@ -139,6 +140,9 @@ class Engine:
             (``fullgraph``: a graph break is an error) with static shapes: one graph per text length, which the
             collate rounds to --text-pad-multiple, so a run compiles a handful of times. ``compile_backend``:
             torch.compile's backend (tests use 'eager' / 'aot_eager' on the CPU). The first step logs its time.
+            ``compile_mode``: torch.compile's mode (inductor only); 'reduce-overhead' and 'max-autotune' replay the
+            graphs as CUDA graphs on CUDA: each step then starts a new CUDA-graph generation, and exact
+            accumulation keeps copies of the towers' outputs (a replay overwrites its outputs).
         defer_reads: the host learns a step's outcome (finite on every rank? its mean loss) later, in one read for
             all the steps since the last one (``flush``: main.py's progress lines, checkpoints and epoch ends), so a
             device runs step N while the host queues step N+1. A non-finite step is then skipped on the device
@@ -151,7 +155,7 @@ class Engine:
     def __init__(self, model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer, *,
                  device: torch.device, precision: str = 'fp32', update_freq: int = 1, legacy_update_freq: bool = False,
                  max_nonfinite: int = 5, distributed: bool = False, compile: bool = False,
-                 compile_backend: str = 'inductor', defer_reads: bool = False):
+                 compile_backend: str = 'inductor', compile_mode: str = 'default', defer_reads: bool = False):
         if update_freq < 1:
             raise ValueError(f'--update-freq must be >= 1, got {update_freq}')
         self._stages = _Stages(model, criterion)
@@ -167,7 +171,14 @@ class Engine:
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 3 * 77 + 1)
         # DDP wraps the compiled module: compiling DDP itself breaks the graph at DDP's forward (its logger), which
         # fullgraph refuses; inside DDP the whole step stays one graph (its gradients are all-reduced after it)
-        net = torch.compile(stages, fullgraph=True, dynamic=False, backend=compile_backend) if compile else stages
+        if compile_mode not in COMPILE_MODES:
+            raise ValueError(f'--compile-mode must be one of {COMPILE_MODES}, got {compile_mode!r}')
+        if compile and compile_mode != 'default' and compile_backend != 'inductor':
+            raise ValueError(f'--compile-mode {compile_mode} needs the inductor backend, not {compile_backend!r}')
+        mode = {'mode': compile_mode} if compile_mode != 'default' else {}
+        net = torch.compile(stages, fullgraph=True, dynamic=False, backend=compile_backend, **mode) if compile \
+            else stages
+        self.cuda_graphs = compile and device.type == 'cuda' and compile_mode in ('reduce-overhead', 'max-autotune')
         self.ddp = None
         if distributed:
             net = self.ddp = nn.parallel.DistributedDataParallel(
@@ -224,6 +235,8 @@ class Engine:
             for group in self.optimizer.param_groups:
                 group['lr'] = float(self.schedule[global_step])
         t_compile = time.perf_counter() if self.compile_pending else None
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs may be overwritten now
         metrics, outcome = self.forward_backward(micro_batches)
         if t_compile is not None:
             if self.device.type == 'cuda':
@@ -314,7 +327,8 @@ class Engine:
             for batch in micro_batches:
                 states.append(_rng_state(self.device))
                 with self._autocast():
-                    outputs.append(self.net(batch, mode='towers'))
+                    out = self.net(batch, mode='towers')
+                outputs.append({k: v.clone() for k, v in out.items()} if self.cuda_graphs else out)
         # 2. the head and the loss, once, on the whole accumulated batch
         kept = {k: torch.cat([o[k] for o in outputs]).detach().requires_grad_() for k in outputs[0]}
         head_params = [p for p in self.model.head_parameters() if p.requires_grad]

@@ -10,6 +10,7 @@ import os
 from typing import Any
 
 import checkpoints
+import engine
 import faults
 import guard as guard_lib
 import models
@@ -99,6 +100,9 @@ def get_args_parser():
     a('--disable-amp', action='store_true', help='same as --precision fp32')
     a('--compile', action='store_true',
       help='torch.compile the model and loss whole (fullgraph; one graph per text length, see --text-pad-multiple)')
+    a('--compile-mode', default='default', choices=engine.COMPILE_MODES,
+      help='torch.compile\'s mode with --compile: reduce-overhead replays each graph as a CUDA graph (on CUDA; one '
+           'launch per graph instead of one per kernel), max-autotune also tunes the matmuls')
     a('--text-pad-multiple', default=16, type=int,
       help='the collate cuts a batch\'s token ids to its longest caption rounded up to this multiple (at most 77), '
            'so the text tower\'s shape is known on the host; 0 keeps all 77 tokens')

@@ -38,6 +38,15 @@ def test_train_rows_carry_nominal_flops_first_step_time_and_a_torch_profile(caps
     assert 'fast: torch.profiler, top operators:' in capsys.readouterr().out
 
 
+def test_train_compare_compile_times_the_fast_step_eager_and_compiled(monkeypatch):
+    real = torch.compile
+    monkeypatch.setattr(torch, 'compile', lambda module, **kw: real(module, **{**kw, 'backend': 'eager'}))  # quick
+    rows = bench.main(parse('train', '--model', 'CLIP_TINY', '--batch-size', 4, '--device', 'cpu', '--steps', 1,
+                            '--precision', 'fp32', '--warmup', 1, '--compare-compile'))
+    assert [(r['config'], r['compiled']) for r in rows] == [('fast', False), ('fast+compile', True)]
+    assert 'compile_s' not in rows[0] and rows[1]['compile_s'] > 0 and rows[1]['compile_mode'] == 'default'
+
+
 def test_train_compare_accum_runs_k_micro_batches_against_one_big_batch():
     rows = bench.main(parse('train', '--model', 'SLIP_TINY', '--batch-size', 2, '--update-freq', 3, '--device', 'cpu',
                             '--steps', 1, '--precision', 'fp32', '--compare-accum', '--count-flops', '--warmup', 0))

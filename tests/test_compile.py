@@ -303,3 +303,36 @@ def test_a_remade_sample_with_a_longer_caption_widens_the_cut_batch():
     assert batch.text.shape == (2, 8)
     device_decode._fit_text(batch, tokens([20])[0])
     assert torch.equal(batch.text, tokens([3, 5]))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --compile-mode (reduce-overhead: CUDA graphs, measured by bench_gpu.sh)
+# ----------------------------------------------------------------------------------------------------------------
+def test_compile_mode_reaches_torch_compile_and_needs_inductor(monkeypatch):
+    seen = []
+    monkeypatch.setattr(torch, 'compile', lambda module, **kw: seen.append(kw) or module)
+    _engine(models.create_model('CLIP_TINY'), 'CLIP_TINY', compile=True, compile_mode='reduce-overhead')
+    _engine(models.create_model('CLIP_TINY'), 'CLIP_TINY', compile=True)
+    assert seen[0]['mode'] == 'reduce-overhead' and seen[0]['fullgraph'] and 'mode' not in seen[1]
+    with pytest.raises(ValueError, match='needs the inductor backend'):
+        _engine(models.create_model('CLIP_TINY'), 'CLIP_TINY', compile=True, compile_backend='eager',
+                compile_mode='reduce-overhead')
+    with pytest.raises(ValueError, match='--compile-mode must be one of'):
+        _engine(models.create_model('CLIP_TINY'), 'CLIP_TINY', compile=True, compile_mode='fast')
+
+
+def test_cuda_graph_steps_keep_exact_accumulation_exact():
+    """What the engine does differently under CUDA graphs (a generation mark per step, copies of the towers' outputs
+    kept across micro-batches), forced on here over an 'eager'-compiled step: the same parameters after two steps of
+    2 micro-batches as without (bitwise: the copies change no number)."""
+    results = []
+    for cuda_graphs in (False, True):
+        torch.manual_seed(0)
+        model = models.create_model('SLIP_TINY')
+        eng = _engine(model, 'SLIP_TINY', 2, compile=True, compile_backend='eager')
+        eng.cuda_graphs = cuda_graphs
+        for seed in range(2):
+            eng.step(make_batch('SLIP_TINY', 4, seed=seed).chunk(2))
+        results.append(model.state_dict())
+    for k, v in results[0].items():
+        assert torch.equal(v, results[1][k]), k
