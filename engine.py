@@ -199,6 +199,7 @@ class Engine:
                             and getattr(optimizer, '_step_supports_amp_scaling', False))
         self._pending: List[Tuple[Optional[int], str, object]] = []  # (global step, where, outcome) not yet read
         self.on_result: Optional[Callable[[int], None]] = None  # after each step's outcome is read (the guard)
+        self.before_step: Optional[Callable[[Optional[int]], None]] = None  # before each step (fault injection)
 
     @property
     def criterion(self) -> nn.Module:
@@ -231,6 +232,8 @@ class Engine:
         if len(micro_batches) != self.update_freq:
             raise ValueError(f'an optimizer step takes {self.update_freq} micro-batches, got {len(micro_batches)}')
         self.global_step = global_step
+        if self.before_step is not None:
+            self.before_step(global_step)
         if self.schedule is not None and global_step is not None:
             for group in self.optimizer.param_groups:
                 group['lr'] = float(self.schedule[global_step])

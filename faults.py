@@ -20,6 +20,7 @@ import os
 import re
 from typing import List, NamedTuple, Optional
 
+import torch
 import torch.nn as nn
 
 import utils
@@ -125,16 +126,25 @@ class FaultPlan:
 
 
 class FaultyLoss(nn.Module):
-    """The engine's criterion with the plan's factor applied to the loss of the engine's current step."""
+    """The engine's criterion with the plan's factor applied to the loss of the engine's current step.
 
-    def __init__(self, criterion: nn.Module, plan: FaultPlan, engine):
+    The factor is a 0-dim tensor set before each step (``set_step``, the engine's ``before_step``), outside the
+    forward: 1 (which changes no bit) unless a fault fires on that step. A compiled step (--compile) reads it as an
+    input of its graph, so the plan's bookkeeping (its log line, its record of fired faults) stays out of the graph.
+    """
+
+    def __init__(self, criterion: nn.Module, plan: FaultPlan, device: torch.device):
         super().__init__()
-        self.criterion, self.plan, self.engine = criterion, plan, engine
+        self.criterion, self.plan = criterion, plan
+        self.factor = torch.ones((), device=device)
+
+    def set_step(self, step: Optional[int]) -> None:
+        factor = self.plan.loss_factor(step)
+        self.factor.fill_(1.0 if factor is None else factor)
 
     def forward(self, outputs):
         out = self.criterion(outputs)
-        factor = self.plan.loss_factor(self.engine.global_step)
-        return out if factor is None else {**out, 'loss': out['loss'] * factor}
+        return {**out, 'loss': out['loss'] * self.factor}
 
 
 def install(engine, args: argparse.Namespace) -> Optional[FaultPlan]:
@@ -142,6 +152,7 @@ def install(engine, args: argparse.Namespace) -> Optional[FaultPlan]:
     if not args.inject_fault:
         return None
     plan = FaultPlan(args.inject_fault, args.output_dir, args.guard_patience, args.max_nonfinite)
-    engine.criterion = FaultyLoss(engine.criterion, plan, engine)
+    engine.criterion = FaultyLoss(engine.criterion, plan, engine.device)
+    engine.before_step = engine.criterion.set_step
     logger.warning('fault injection on: %s', ', '.join(map(str, plan.faults)) or 'every fault already fired')
     return plan

@@ -122,7 +122,7 @@ def build_engine(model, args, device) -> engine_lib.Engine:
                              precision=args.precision, update_freq=args.update_freq,
                              legacy_update_freq=args.legacy_update_freq, max_nonfinite=args.max_nonfinite,
                              distributed=args.distributed, compile=args.compile,
-                             compile_mode=args.compile_mode, defer_reads=True)
+                             compile_backend=args.compile_backend, compile_mode=args.compile_mode, defer_reads=True)
 
 
 def build_optimizer(model, args, device):

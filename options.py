@@ -100,6 +100,9 @@ def get_args_parser():
     a('--disable-amp', action='store_true', help='same as --precision fp32')
     a('--compile', action='store_true',
       help='torch.compile the model and loss whole (fullgraph; one graph per text length, see --text-pad-multiple)')
+    a('--compile-backend', default='inductor',
+      help='torch.compile\'s backend with --compile: inductor; aot_eager or eager trace the same graphs without '
+           'generating code (to tell a compiler bug from a model bug)')
     a('--compile-mode', default='default', choices=engine.COMPILE_MODES,
       help='torch.compile\'s mode with --compile: reduce-overhead replays each graph as a CUDA graph (on CUDA; one '
            'launch per graph instead of one per kernel), max-autotune also tunes the matmuls')

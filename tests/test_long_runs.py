@@ -59,26 +59,33 @@ def log_lines(out):
 # ----------------------------------------------------------------------------------------------------------------
 # Rollback, end to end
 # ----------------------------------------------------------------------------------------------------------------
-def test_injected_spike_rolls_back_and_ends_bitwise_equal_to_a_resume_with_the_same_skip_list(tmp_path):
+@pytest.mark.parametrize('compiled', [False, True])
+def test_injected_spike_rolls_back_and_ends_bitwise_equal_to_a_resume_with_the_same_skip_list(tmp_path, compiled):
     """A spike at steps 10-12 (epoch 1 steps 2-4) rolls back to the checkpoint after step 8 (at or before step 9,
     whose update the first high loss measured) and skips epoch 1 steps 1-4. A clean run's checkpoint of that
-    position, given the same skip list and resumed, ends with bitwise the same weights and optimizer state."""
+    position, given the same skip list and resumed, ends with bitwise the same weights and optimizer state. Also
+    with --compile (the 'eager' backend: dynamo's whole graphs without code generation, quick on the CPU)."""
     spiked, clean, resumed = tmp_path / 'spiked', tmp_path / 'clean', tmp_path / 'resumed'
-    stats = main_script.main(run_args(spiked, *FAULT, 'loss-spike@10'))
+    compile_args = ['--compile', '--compile-backend', 'eager'] if compiled else []
+
+    def args(out, *extra):  # every run of this test compiles, or none does
+        return run_args(out, *compile_args, *extra)
+
+    stats = main_script.main(args(spiked, *FAULT, 'loss-spike@10'))
     ckpt = utils.load_checkpoint(str(spiked / 'checkpoint.pt'))
     assert ckpt['skip_steps'] == [[1, 1, 4]] and stats['rollbacks'] == 1 and stats['train_discarded_steps'] == 4
     (record,) = ckpt['rollbacks']
     assert (record['first'], record['last'], record['to']) == (10, 12, [1, 1])
     (logged,) = [x['rollback'] for x in log_lines(spiked) if 'rollback' in x]  # the log records it too
     assert logged['skip_steps'] == [[1, 1, 4]] and logged['reload_seconds'] >= 0
-    assert main_script.main(run_args(clean))['rollbacks'] == 0  # no false alarm on the clean run
+    assert main_script.main(args(clean))['rollbacks'] == 0  # no false alarm on the clean run
     # the rolled-back run reloaded exactly the clean run's state at that position
     assert_bitwise_equal(spiked / 'checkpoint_e1_s1.pt', clean / 'checkpoint_e1_s1.pt')
     state = torch.load(clean / 'checkpoint_e1_s1.pt', weights_only=True)
     state['skip_steps'] = ckpt['skip_steps']
     resumed.mkdir()
     torch.save(state, resumed / 'checkpoint.pt')
-    main_script.main(run_args(resumed))
+    main_script.main(args(resumed))
     assert_bitwise_equal(spiked / 'checkpoint.pt', resumed / 'checkpoint.pt')
     final, clean_final = every_tensor(spiked / 'checkpoint.pt'), every_tensor(clean / 'checkpoint.pt')
     assert any(not torch.equal(final[k], clean_final[k]) for k in final)  # the skipped steps did change the run
