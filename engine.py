@@ -30,7 +30,6 @@ Reference: the gradient cache of Gao et al., "Scaling Deep Contrastive Learning 
 Setup" (arXiv 2101.06983), here with the batch-coupled head and its BatchNorm inside the cached part.
 """
 import math
-import os
 import time
 from contextlib import contextmanager, nullcontext
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -41,6 +40,7 @@ import torch.nn as nn
 import augment
 import progress
 import utils
+from progress import Writers  # noqa: F401 (engine.Writers, its name before progress.py held it)
 from utils import logger
 
 LOGIT_SCALE_MAX = math.log(100)  # CLIP's clamp of the learned temperature
@@ -391,39 +391,6 @@ class Engine:
 # ----------------------------------------------------------------------------------------------------------------
 # The epoch loop
 # ----------------------------------------------------------------------------------------------------------------
-class Writers:
-    """TensorBoard (always, rank 0) and W&B (only with --wandb) behind one small interface.
-
-    Every scalar is logged at one monotonic step, the number of optimizer steps done, so W&B keeps them all (it
-    drops values logged at a smaller step than one it has seen).
-    """
-
-    def __init__(self, args):
-        self.tb = self.wandb = None
-        if not utils.is_main_process():
-            return
-        from torch.utils.tensorboard import SummaryWriter
-        self.tb = SummaryWriter(os.path.join(args.output_dir, 'tensorboard'))
-        if args.wandb:
-            import wandb
-            self.wandb = wandb
-            wandb.init(project='slip', id=os.path.basename(os.path.normpath(args.output_dir)),
-                       config=utils.args_to_dict(args), resume='allow')
-
-    def scalars(self, values: Dict[str, float], step: int, prefix: str = '') -> None:
-        values = {prefix + k: v for k, v in values.items() if isinstance(v, (int, float))}
-        if self.tb is None:
-            return
-        for name, v in values.items():
-            self.tb.add_scalar(name, v, step)
-        if self.wandb is not None:
-            self.wandb.log(values, step=step)
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-
-
 def train_one_epoch(engine: Engine, loader, epoch: int, first_step: int, iters_per_epoch: int, args,
                     writer: Optional[Writers] = None, on_step: Optional[Callable[[int], None]] = None,
                     skip: Optional[Callable[[int], bool]] = None) -> Dict:

@@ -29,6 +29,7 @@ import engine as engine_lib
 import faults
 import guard as guard_lib
 import models
+import progress
 import train_data
 import utils
 import zoo
@@ -242,7 +243,7 @@ class TrainState:
     zs_assets: Optional[tuple]  # zeroshot.load_assets: (catalog, labels, templates); None: no zero-shot check
     tokenizer: Optional[utils.Tokenizer]  # None for a model without a text tower
     device: torch.device
-    writer: engine_lib.Writers
+    writer: progress.Writers
 
 
 def save(args, t: TrainState, epoch, step, best_acc1, is_best=False):
@@ -338,7 +339,7 @@ def main(args):
     manager.reserve(checkpoints.state_like(model, engine.optimizer))  # the saves' host buffers, once, before step 1
     t = TrainState(model=model, engine=engine, run=run, manager=manager, loader=loader, sampler=sampler,
                    iters=iters_per_epoch, zs_assets=zs_assets, tokenizer=tokenizer, device=device,
-                   writer=engine_lib.Writers(args))
+                   writer=progress.Writers(args))
     accumulation = '' if args.update_freq == 1 else \
         (' (legacy: per-micro-batch losses)' if args.legacy_update_freq else ' (exact accumulation)')
     logger.info('%s: %d processes x batch %d x update-freq %d = global batch %d%s; %d steps/epoch; precision %s; '

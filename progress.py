@@ -10,10 +10,12 @@ A line is printed at most every ``interval`` seconds (default: the ``SLIP_PROGRE
 else 30) and once at the end. The ETA comes from ``total`` (units known in advance) or, for a file read line by line,
 from ``size`` and ``position`` (bytes read of the file's size). Used as a context manager, a job that fails part-way
 says how far it got (on every rank, as a warning); otherwise ranks other than 0 print nothing.
+
+``Writers`` sends pre-training's scalars to TensorBoard and W&B.
 """
 import os
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Dict, Optional
 
 import utils
 from utils import logger
@@ -150,3 +152,35 @@ class Progress:
         return (f'{self.what} [{self._done()}]  {_count(rate(self.done, now - self.start))} {self.unit}/s{read}  '
                 f'ETA {format_eta(self.seconds_left(now))}{self._fields()}')
 
+
+class Writers:
+    """TensorBoard (always, rank 0) and W&B (only with --wandb) behind one small interface.
+
+    Every scalar is logged at one monotonic step, the number of optimizer steps done, so W&B keeps them all (it
+    drops values logged at a smaller step than one it has seen).
+    """
+
+    def __init__(self, args):
+        self.tb = self.wandb = None
+        if not utils.is_main_process():
+            return
+        from torch.utils.tensorboard import SummaryWriter
+        self.tb = SummaryWriter(os.path.join(args.output_dir, 'tensorboard'))
+        if args.wandb:
+            import wandb
+            self.wandb = wandb
+            wandb.init(project='slip', id=os.path.basename(os.path.normpath(args.output_dir)),
+                       config=utils.args_to_dict(args), resume='allow')
+
+    def scalars(self, values: Dict[str, float], step: int, prefix: str = '') -> None:
+        values = {prefix + k: v for k, v in values.items() if isinstance(v, (int, float))}
+        if self.tb is None:
+            return
+        for name, v in values.items():
+            self.tb.add_scalar(name, v, step)
+        if self.wandb is not None:
+            self.wandb.log(values, step=step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
