@@ -50,7 +50,8 @@ def get_args_parser():
     p.add_argument('--precision', default=None, choices=utils.PRECISIONS, help='default: the device\'s default')
     p.add_argument('--device', default=None)
     p.add_argument('--steps', default=5, type=int, help='timed steps per configuration')
-    p.add_argument('--warmup', default=2, type=int, help='untimed steps first (compilation, allocator warm-up); the first is timed apart (first_step_s)')
+    p.add_argument('--warmup', default=2, type=int,
+                   help='untimed steps first (compilation, allocator warm-up); the first is timed apart (first_step_s)')
     p.add_argument('--count-flops', action='store_true', help='count FLOPs per step (always on CUDA, for MFU)')
     p.add_argument('--baseline', action='store_true', help='every fast path off')
     p.add_argument('--compare', action='store_true', help='baseline and fast paths side by side, interleaved')

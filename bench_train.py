@@ -357,7 +357,8 @@ def bench_attention(args, device):
         with utils.autocast(args.precision, device):
             y = attn(x)
         y.backward(torch.ones_like(y))
-        x.grad, attn.qkv.weight.grad = None, None
+        x.grad = None
+        attn.zero_grad(set_to_none=True)
 
     for _ in range(args.warmup):
         for cls in layouts.values():

@@ -400,8 +400,9 @@ def train_one_epoch(engine: Engine, loader, epoch: int, first_step: int, iters_p
     ``on_step(step)`` is called after every optimizer step (main.py's mid-epoch checkpoints, which therefore fall on
     optimizer-step boundaries; the divergence guard is the engine's ``on_result``, called as outcomes are read). A
     step for which ``skip(step)`` is true (a window skipped after a rollback) reads its micro-batches and discards
-    them untrained, so the data stream stays where it would be for every data format. Returns the epoch's metric averages (synchronised over ranks), the last learning rate,
-    and the counts of bad samples, non-finite skipped steps and discarded steps.
+    them untrained, so the data stream stays where it would be for every data format. Returns the epoch's metric
+    averages (synchronised over ranks), the last learning rate, and the counts of bad samples, non-finite skipped
+    steps and discarded steps.
     """
     device, k = engine.device, engine.update_freq
     engine.train()

@@ -40,9 +40,9 @@ import augment
 import losses
 import utils
 from towers import (SSL_HEAD_NORMS, CausalSelfAttention, LayerNorm, QuickGELU,  # noqa: F401 (re-exported)
-                    ResidualAttentionBlock, SplitHeadsAttention, TimmAttention, Transformer, build_mlp, class_token_only_ok,
-                    is_vit, keep_tokens, set_dynamic_img_size, split_heads, use_split_heads, visual_features,
-                    visual_forward, vit_class_token_features, vit_embed, vit_masked_features)
+                    ResidualAttentionBlock, SplitHeadsAttention, TimmAttention, Transformer, build_mlp,
+                    class_token_only_ok, is_vit, keep_tokens, set_dynamic_img_size, split_heads, use_split_heads,
+                    visual_features, visual_forward, vit_class_token_features, vit_embed, vit_masked_features)
 
 LOGIT_SCALE_INIT = float(np.log(1 / 0.07))  # CLIP's initial temperature
 CONTEXT_LENGTH = 77
